@@ -1,0 +1,127 @@
+"""Plain dataclass configs that round-trip through JSON.
+
+A model config names the base LLM and vision encoder (hub id or local dir) and holds one workflow
+config per named workflow. Each family defines its own workflow config class (a subclass of
+:class:`WorkflowConfig`) with its extra fields; unknown keys and unknown families are errors that
+list what exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_NAME = "frozenvl.json"
+FORMAT_VERSION = 1
+RESERVED_TASKS = ("text",)
+LLM_TRAIN_MODES = ("frozen", "full", "lora")
+IMAGE_MODES = ("pad", "resize")
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message says which and what is allowed."""
+
+
+def _check_keys(cls: type, data: dict[str, Any], where: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+
+
+@dataclass
+class WorkflowConfig:
+    """Fields every multimodal workflow has, whatever its family."""
+
+    family: str
+    connector: str = "mlp2x_gelu"  # "linear" | "mlpNx_gelu"
+    select_layer: int = -2  # which vision hidden state feeds the connector
+    image_mode: str = "pad"  # "pad" (LLaVA: pad to square with the mean colour) | "resize"
+    llm_train: str = "frozen"  # "frozen" | "full" (LLaVA fine-tuned baseline) | "lora"
+    lora_rank: int = 8
+    lora_alpha: int = 16
+
+    def validate(self) -> None:
+        if self.image_mode not in IMAGE_MODES:
+            raise ConfigError(f"image_mode {self.image_mode!r} is not one of {list(IMAGE_MODES)}")
+        if self.llm_train not in LLM_TRAIN_MODES:
+            raise ConfigError(f"llm_train {self.llm_train!r} is not one of {list(LLM_TRAIN_MODES)}")
+        from .vision.connectors import check_connector_name
+
+        check_connector_name(self.connector)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_workflow(name: str, data: dict[str, Any] | WorkflowConfig) -> WorkflowConfig:
+    """Turn a plain dict (as users write it, or as read from JSON) into its family's config class."""
+    from .families import get_family
+
+    if name in RESERVED_TASKS:
+        raise ConfigError(f"workflow name {name!r} is reserved: the {name!r} workflow is the untouched base LLM")
+    if isinstance(data, WorkflowConfig):
+        cfg = data
+    else:
+        if not isinstance(data, dict) or "family" not in data:
+            raise ConfigError(f"workflow {name!r}: expected a dict with a 'family' key, got {data!r}")
+        family_cls = get_family(data["family"])
+        _check_keys(family_cls.config_class, data, f"workflow {name!r} (family {data['family']!r})")
+        cfg = family_cls.config_class(**data)
+    cfg.validate()
+    return cfg
+
+
+@dataclass
+class ModelConfig:
+    """What `frozenvl.json` holds: the base models by id/path and the workflows."""
+
+    llm: str
+    vision: str | None = None
+    workflows: dict[str, WorkflowConfig] = field(default_factory=dict)
+    dtype: str | None = None  # e.g. "bfloat16"; None keeps the checkpoint's own dtype
+    attn_implementation: str | None = None
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        self.workflows = {name: parse_workflow(name, wf) for name, wf in self.workflows.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "llm": self.llm,
+            "vision": self.vision,
+            "dtype": self.dtype,
+            "attn_implementation": self.attn_implementation,
+            "workflows": {name: wf.to_dict() for name, wf in self.workflows.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        _check_keys(cls, data, CONFIG_NAME)
+        version = data.get("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise ConfigError(
+                f"{CONFIG_NAME} has format_version {version}; this frozenvl reads up to {FORMAT_VERSION}: upgrade frozenvl"
+            )
+        return cls(**data)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "ModelConfig":
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: is {directory!s} a frozenvl model directory?")
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path} is not valid JSON: {e}") from e
+        return cls.from_dict(data)

@@ -1,0 +1,1 @@
+"""Data: prompts with image placeholders, chat rendering, datasets and collation."""

@@ -1,0 +1,23 @@
+"""Family registry: adding a family is one file and one line here."""
+
+from __future__ import annotations
+
+from ..config import ConfigError
+from .base import IMAGE_TOKEN_ID, DecodeContext, Family
+from .inner_adaptor import InnerAdaptorFamily
+from .prefix import PrefixFamily
+
+FAMILIES: dict[str, type[Family]] = {
+    PrefixFamily.name: PrefixFamily,
+    InnerAdaptorFamily.name: InnerAdaptorFamily,
+}
+
+
+def get_family(name: str) -> type[Family]:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ConfigError(f"unknown family {name!r}; available families: {sorted(FAMILIES)}") from None
+
+
+__all__ = ["FAMILIES", "IMAGE_TOKEN_ID", "DecodeContext", "Family", "get_family"]

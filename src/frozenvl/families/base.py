@@ -1,0 +1,240 @@
+"""The family interface and the one decoder loop every multimodal workflow runs through.
+
+A family says only what differs from the base forward pass. The places it can act:
+
+1. input embeddings: `embed` (default: token embeddings with connector output spliced in at the
+   image placeholder positions);
+2. around a decoder layer: `before_layer` / `after_layer` for the layer indices listed in
+   `layers_before` / `layers_after`;
+3. inside attention and 4. inside the MLP: `run_layer` for the indices in `layers_replaced`
+   (a family re-implements the decoder block there, reusing the frozen submodules);
+plus its own final norm / LM head / embedding table where it owns copies.
+
+The loop, mask and rotary preparation, and cache handling are written once (`decode`), for every
+Hugging Face decoder whose layers live at `model.model.layers` (Llama, Qwen2/3, Mistral, ...).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from ..config import WorkflowConfig
+from ..vision.connectors import build_connector
+
+# Placeholder id written into input_ids where vision tokens go (LLaVA's convention: a negative id
+# that never collides with the vocabulary, so the base tokenizer and embedding table stay untouched).
+IMAGE_TOKEN_ID = -200
+
+
+def layer_types(config) -> list[str]:
+    """Attention type of each base layer ('full_attention' / 'sliding_attention')."""
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return list(types)
+    kind = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+    return [kind] * config.num_hidden_layers
+
+
+class LMParts:
+    """References to the pieces of a HF causal LM the decoder loop needs.
+
+    A plain object (not an nn.Module) so that a family holding it does not register the frozen base
+    as its own submodule: the base's weights never end up in a workflow's state dict.
+    """
+
+    def __init__(self, causal_lm: PreTrainedModel):
+        inner = causal_lm.model
+        for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
+            if not hasattr(inner, attr):
+                raise ValueError(
+                    f"{type(causal_lm).__name__} has no model.{attr}: frozenvl supports decoder LLMs laid out like "
+                    "Llama (model.embed_tokens, model.layers, model.norm, model.rotary_emb, lm_head)"
+                )
+        self.causal_lm = causal_lm
+        self.config = causal_lm.config
+        self.embed_tokens: nn.Embedding = inner.embed_tokens
+        self.layers: nn.ModuleList = inner.layers
+        self.norm: nn.Module = inner.norm
+        self.rotary_emb: nn.Module = inner.rotary_emb
+        self.lm_head: nn.Module = causal_lm.get_output_embeddings()
+        self.layer_types = layer_types(self.config)
+        self.num_layers = len(self.layers)
+
+
+@dataclass
+class DecodeContext:
+    """What every layer of one forward pass sees."""
+
+    attention_mask: torch.Tensor  # [B, past + T] 1 = real token, 0 = padding
+    position_ids: torch.Tensor  # [B, T]
+    cache: DynamicCache | None
+    image_mask: torch.Tensor | None = None  # [B, T] True at vision-token positions
+    masks: dict[str, Any] = field(default_factory=dict)  # per attention type, built in `decode`
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    state: dict[str, Any] = field(default_factory=dict)  # family-private per-call state
+
+    @property
+    def use_cache(self) -> bool:
+        return self.cache is not None
+
+
+class Family(nn.Module):
+    """Base class of a family's per-workflow module: it owns exactly the workflow's trainable weights."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[WorkflowConfig]] = WorkflowConfig
+    uses_images: ClassVar[bool] = True
+
+    layers_before: frozenset[int] = frozenset()
+    layers_after: frozenset[int] = frozenset()
+    layers_replaced: frozenset[int] = frozenset()
+
+    def __init__(self, cfg: WorkflowConfig, llm: PreTrainedModel, vision_hidden: int | None):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.llm_train == "frozen":
+            self.lm = LMParts(llm)
+        elif cfg.llm_train == "full":
+            # The LLaVA fine-tuned baseline: the workflow owns a full trainable copy of the LLM,
+            # so `text` still runs the untouched original.
+            self.own_llm = copy.deepcopy(llm).requires_grad_(True)
+            self.lm = LMParts(self.own_llm)
+        else:  # lora
+            self.own_llm = _lora_copy(llm, cfg)
+            self.lm = LMParts(self.own_llm.base_model.model)
+        self.connector = (
+            build_connector(cfg.connector, vision_hidden, llm.config.hidden_size, dtype=llm.dtype)
+            if (self.uses_images and vision_hidden is not None)
+            else None
+        )
+
+    # ---- names a training stage can select -------------------------------------------------
+    def parts(self) -> dict[str, list[nn.Parameter]]:
+        """Named trainable parts (e.g. 'connector', 'adapter', 'llm'); every trainable parameter is in one."""
+        parts: dict[str, list[nn.Parameter]] = {}
+        if self.connector is not None:
+            parts["connector"] = list(self.connector.parameters())
+        if self.cfg.llm_train == "full":
+            parts["llm"] = list(self.own_llm.parameters())
+        elif self.cfg.llm_train == "lora":
+            parts["llm"] = [p for n, p in self.own_llm.named_parameters() if "lora_" in n]
+        return parts
+
+    def owned_state_dict(self) -> dict[str, torch.Tensor]:
+        """The workflow's own weights (every part, trainable now or not), without shared base weights."""
+        owned = {id(p) for ps in self.parts().values() for p in ps}
+        return {n: p.detach() for n, p in self.named_parameters() if id(p) in owned}
+
+    # ---- images -----------------------------------------------------------------------------
+    def image_tokens_per_image(self, num_vision_tokens: int) -> int:
+        """How many placeholder positions one image occupies in input_ids (0: images are not in the sequence)."""
+        return self.connector.num_tokens(num_vision_tokens) if self.connector is not None else 0
+
+    def encode_images(self, features: torch.Tensor) -> torch.Tensor:
+        """Vision features [n_images, N, vis] -> what the family consumes (default: connector output)."""
+        return self.connector(features.to(self.connector.linear_1.weight.dtype))
+
+    # ---- the places a family acts ------------------------------------------------------------
+    def embed_tokens(self) -> nn.Embedding:
+        return self.lm.embed_tokens
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
+        table = self.embed_tokens()
+        is_image = input_ids == IMAGE_TOKEN_ID
+        h = table(input_ids.masked_fill(is_image, 0))
+        if image_embeds is not None and self.image_tokens_per_image(image_embeds.shape[1]) > 0:
+            n_slots, n_given = int(is_image.sum()), image_embeds.shape[0] * image_embeds.shape[1]
+            if n_slots != n_given:
+                raise ValueError(
+                    f"input has {n_slots} image-token positions but the {image_embeds.shape[0]} image(s) give "
+                    f"{n_given} vision tokens ({image_embeds.shape[1]} each): one <image> per image is expected"
+                )
+            h = h.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(h.dtype))
+        return h
+
+    def before_layer(self, idx: int, h: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        return h
+
+    def after_layer(self, idx: int, h: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        return h
+
+    def run_layer(self, idx: int, h: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        return call_layer(self.lm.layers[idx], h, ctx, self.lm.layer_types[idx])
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm.norm(h)
+
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm.lm_head(h)
+
+    def extra_cache_layer_types(self) -> list[str]:
+        """Attention types of cache entries the family adds after the base layers' ones."""
+        return []
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def new_cache(self) -> DynamicCache:
+        cfg = copy.copy(self.lm.config)
+        extra = self.extra_cache_layer_types()
+        types = self.lm.layer_types + extra
+        cfg.layer_types = types
+        cfg.num_hidden_layers = len(types)
+        return DynamicCache(config=cfg)
+
+    def decode(self, h: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        """Run all decoder layers (with the family's additions) and the final norm."""
+        mask_args = dict(
+            config=self.lm.config,
+            inputs_embeds=h,
+            attention_mask=ctx.attention_mask,
+            past_key_values=ctx.cache,
+            position_ids=ctx.position_ids,
+        )
+        needed = set(self.lm.layer_types) | set(self.extra_cache_layer_types())
+        if "full_attention" in needed:
+            ctx.masks["full_attention"] = create_causal_mask(**mask_args)
+        if "sliding_attention" in needed:
+            ctx.masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_args)
+        ctx.position_embeddings = self.lm.rotary_emb(h, ctx.position_ids)
+        for idx in range(self.lm.num_layers):
+            if idx in self.layers_before:
+                h = self.before_layer(idx, h, ctx)
+            h = self.run_layer(idx, h, ctx)
+            if idx in self.layers_after:
+                h = self.after_layer(idx, h, ctx)
+        return self.final_norm(h)
+
+
+def call_layer(layer: nn.Module, h: torch.Tensor, ctx: DecodeContext, attn_type: str) -> torch.Tensor:
+    """Call a HF decoder layer exactly as its own model's forward does."""
+    out = layer(
+        h,
+        attention_mask=ctx.masks[attn_type],
+        position_embeddings=ctx.position_embeddings,
+        position_ids=ctx.position_ids,
+        past_key_values=ctx.cache,
+        use_cache=ctx.use_cache,
+    )
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _lora_copy(llm: PreTrainedModel, cfg: WorkflowConfig) -> nn.Module:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("llm_train: lora needs peft: pip install 'frozenvl[lora]'") from e
+    lora = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    # LoRA wraps modules in place, so it goes on a copy of the module tree that shares (not copies)
+    # the frozen base tensors: the memo maps each base parameter and buffer to itself.
+    memo = {id(t): t for t in (*llm.parameters(), *llm.buffers())}
+    return get_peft_model(copy.deepcopy(llm, memo), lora)
