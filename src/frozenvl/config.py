@@ -39,6 +39,7 @@ class WorkflowConfig:
     family: str
     connector: str = "mlp2x_gelu"  # "linear" | "mlpNx_gelu"
     select_layer: int = -2  # which vision hidden state feeds the connector
+    keep_cls: bool = False  # keep the CLS token (LLaVA's "full" select strategy) instead of patches only
     image_mode: str = "pad"  # "pad" (LLaVA: pad to square with the mean colour) | "resize"
     llm_train: str = "frozen"  # "frozen" | "full" (LLaVA fine-tuned baseline) | "lora"
     lora_rank: int = 8

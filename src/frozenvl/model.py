@@ -172,7 +172,8 @@ class FrozenVLModel(nn.Module):
     def tokens_per_image(self, task: str) -> int:
         if task == TEXT_TASK or self.vision is None:
             return 0
-        return self.workflow(task).image_tokens_per_image(self.vision.num_patches)
+        family = self.workflow(task)
+        return family.image_tokens_per_image(self.vision.num_tokens(family.cfg.keep_cls))
 
     def pixel_values(self, images: Any, task: str) -> torch.Tensor | None:
         """PIL images / paths / bytes (flat or one list per sample), or a ready [N,3,H,W] tensor."""
@@ -191,7 +192,7 @@ class FrozenVLModel(nn.Module):
         family = self.workflow(task)
         if not family.uses_images:
             raise ValueError(f"workflow {task!r} ({family.cfg.family}) takes no images")
-        feats = self.vision(pixel_values, select_layer=family.cfg.select_layer)
+        feats = self.vision(pixel_values, select_layer=family.cfg.select_layer, keep_cls=family.cfg.keep_cls)
         return family.encode_images(feats)
 
     # ------------------------------------------------------------------ forward

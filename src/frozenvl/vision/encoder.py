@@ -56,9 +56,15 @@ class VisionTower(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, pixel_values: torch.Tensor, select_layer: int = -2) -> torch.Tensor:
+    def has_cls(self) -> bool:
+        return hasattr(getattr(self.model, "embeddings", None), "class_embedding")
+
+    def num_tokens(self, keep_cls: bool = False) -> int:
+        return self.num_patches + (1 if keep_cls and self.has_cls() else 0)
+
+    def forward(self, pixel_values: torch.Tensor, select_layer: int = -2, keep_cls: bool = False) -> torch.Tensor:
         out = self.model(pixel_values=pixel_values.to(self.device, self.dtype), output_hidden_states=True)
         feats = out.hidden_states[select_layer]
-        if feats.shape[1] == self.num_patches + 1:  # CLS token present (CLIP): patch tokens only
+        if feats.shape[1] == self.num_patches + 1 and not keep_cls:  # CLS present (CLIP): patch tokens only
             feats = feats[:, 1:]
         return feats

@@ -1,0 +1,1 @@
+"""Vision side: encoders, connectors, image loading and preprocessing."""
