@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .data.prompt import position_ids_from_mask
+
 if TYPE_CHECKING:
     from .model import FrozenVLModel
 
@@ -97,9 +99,9 @@ def generate_steps(
     image_embeds = None
     if task != "text" and pixel_values is not None:
         image_embeds = model._image_embeds(task, pixel_values.to(device))
-    out = model(
-        input_ids, mask, task=task, image_embeds=image_embeds, use_cache=cfg.use_cache, logits_to_keep=1
-    )
+    positions = position_ids_from_mask(mask)
+    out = model(input_ids, mask, task=task, image_embeds=image_embeds, position_ids=positions,
+                use_cache=cfg.use_cache, logits_to_keep=1)
     cache = out.past_key_values
     logits = out.logits[:, -1]
     full_ids = input_ids
@@ -122,7 +124,8 @@ def generate_steps(
             cache = out.past_key_values
         else:
             full_ids = torch.cat([full_ids, token[:, None]], dim=1)
-            out = model(full_ids, mask, task=task, image_embeds=image_embeds, logits_to_keep=1)
+            out = model(full_ids, mask, task=task, image_embeds=image_embeds,
+                        position_ids=position_ids_from_mask(mask), logits_to_keep=1)
         logits = out.logits[:, -1]
 
 

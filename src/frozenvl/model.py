@@ -216,7 +216,8 @@ class FrozenVLModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(self.device)
-        if position_ids is None:
+        if position_ids is None and task != TEXT_TASK:
+            # Positions skip left padding. (`text` passes None on, exactly as the bare base model gets it.)
             position_ids = position_ids_from_mask(attention_mask)[:, -input_ids.shape[1] :]
         if use_cache and past_key_values is None:
             past_key_values = self.new_cache(task)
