@@ -47,3 +47,45 @@ def images():
                 img.putpixel((x + k, y), (255, 20 * k, 10))
         out.append(img)
     return out
+
+
+def write_llava_data(root, n: int = 12, with_text_only: bool = True, bad: dict | None = None) -> str:
+    """A small LLaVA-format JSON dataset with real PNG files; returns the JSON path.
+
+    `bad` maps sample index -> "missing" (image file absent) or "corrupt" (truncated PNG).
+    """
+    import json
+
+    root = os.fspath(root)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    colours = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220)}
+    names = list(colours)
+    records = []
+    for i in range(n):
+        colour = names[i % 3]
+        rec = {"id": f"s{i}"}
+        if with_text_only and i % 4 == 3:
+            rec["conversations"] = [
+                {"from": "human", "value": f"what is {i} plus 1"},
+                {"from": "gpt", "value": f"{i + 1}"},
+            ]
+        else:
+            path = os.path.join("images", f"{i}.png")
+            img = Image.new("RGB", (32 + 4 * (i % 3), 32), colours[colour])
+            img.save(os.path.join(root, path))
+            kind = (bad or {}).get(i)
+            if kind == "missing":
+                os.remove(os.path.join(root, path))
+            elif kind == "corrupt":
+                raw = open(os.path.join(root, path), "rb").read()
+                open(os.path.join(root, path), "wb").write(raw[: len(raw) // 2])
+            rec["image"] = path
+            rec["conversations"] = [
+                {"from": "human", "value": "<image>\nwhat colour is the image"},
+                {"from": "gpt", "value": f"it is {colour}"},
+            ]
+        records.append(rec)
+    out = os.path.join(root, "train.json")
+    with open(out, "w") as f:
+        json.dump(records, f)
+    return out

@@ -1,0 +1,359 @@
+"""The `frozenvl` command line: inspect a model, chat with it, import checkpoints.
+
+    frozenvl info MODEL_DIR [--json]
+    frozenvl chat MODEL_DIR [--task NAME] [--image PATH ...] [--prompt TEXT] ...
+    frozenvl import llava-hf SRC OUT [--workflow mm]
+    frozenvl --version
+
+Mistakes a user can make (a missing or wrong model directory, a bad config, an unknown task, an
+unreadable image, a conversation longer than the LLM takes) end in one red line on stderr and exit
+code 2, never a traceback. In the interactive chat they print the same line and the loop goes on
+with the conversation as it was.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import frozenvl
+from frozenvl.config import CONFIG_NAME, ConfigError, ModelConfig
+from frozenvl.data.prompt import IMAGE_PLACEHOLDER
+from frozenvl.model import TEXT_TASK
+from frozenvl.vision.images import ImageError, load_image
+
+app = typer.Typer(
+    name="frozenvl",
+    help="Give a pretrained language model sight without breaking what it already knows.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+import_app = typer.Typer(
+    name="import",
+    help="Convert checkpoints from other projects into frozenvl model directories.",
+    no_args_is_help=True,
+)
+app.add_typer(import_app, name="import")
+
+USAGE_ERROR = 2
+# Errors a user can cause with their input; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, ImageError, ValueError, FileNotFoundError, OSError)
+CHAT_COMMANDS = {
+    "/exit": "end the chat (so does end of input)",
+    "/image PATH": "attach an image to your next message",
+    "/task NAME": "switch workflow",
+    "/reset": "clear the conversation (and any attached images)",
+    "/help": "show these commands",
+}
+
+
+# ---------------------------------------------------------------------------- output helpers
+def _out() -> Console:
+    return Console(highlight=False)
+
+
+def _err() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def _one_line(exc_or_text: BaseException | str) -> str:
+    text = str(exc_or_text)
+    if isinstance(exc_or_text, BaseException):
+        if isinstance(exc_or_text, KeyError) and exc_or_text.args:
+            text = str(exc_or_text.args[0])  # KeyError's str() adds quotes
+        text = text or type(exc_or_text).__name__
+    return " ".join(text.split())
+
+
+def _print_error(message: BaseException | str) -> None:
+    _err().print(f"error: {_one_line(message)}", style="red", markup=False, soft_wrap=True)
+
+
+def _fail(message: BaseException | str, code: int = USAGE_ERROR) -> NoReturn:
+    _print_error(message)
+    raise typer.Exit(code)
+
+
+# ---------------------------------------------------------------------------- loading
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _read_config(model_dir: Path) -> ModelConfig:
+    """Check that `model_dir` is a frozenvl model directory with a readable config (cheap: no weights)."""
+    if not model_dir.exists():
+        _fail(f"model directory {model_dir} does not exist")
+    if not model_dir.is_dir():
+        _fail(f"{model_dir} is not a directory; give a frozenvl model directory")
+    if not (model_dir / CONFIG_NAME).is_file():
+        _fail(f"{model_dir} is not a frozenvl model directory (it has no {CONFIG_NAME})")
+    path = str(model_dir / CONFIG_NAME)
+    try:
+        return ModelConfig.load(model_dir)
+    except USER_ERRORS as e:
+        message = _one_line(e)
+        _fail(message if path in message else f"{path}: {message}")
+    except (TypeError, AttributeError) as e:  # a value of the wrong shape reaching a dataclass
+        _fail(f"{path}: bad config ({_one_line(e)})")
+
+
+def _tasks_of(config: ModelConfig) -> list[str]:
+    return [TEXT_TASK, *config.workflows]
+
+
+def _load(model_dir: Path):
+    _quiet_transformers()
+    try:
+        with _err().status(f"loading {model_dir} ..."):
+            return frozenvl.load(model_dir)
+    except USER_ERRORS as e:
+        _fail(f"cannot load {model_dir}: {_one_line(e)}")
+
+
+# ---------------------------------------------------------------------------- top level
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"frozenvl {frozenvl.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", help="Show the version and exit.", callback=_version_callback, is_eager=True),
+    ] = None,
+) -> None:
+    """Give a pretrained language model sight without breaking what it already knows."""
+
+
+# ---------------------------------------------------------------------------- info
+def _fmt(n: int) -> str:
+    return f"{n:,}"
+
+
+@app.command()
+def info(
+    model_dir: Annotated[Path, typer.Argument(help="A frozenvl model directory.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print model.info() as JSON.")] = False,
+) -> None:
+    """Show the base models, frozen parameter counts and every workflow with its trainable parameters."""
+    _read_config(model_dir)
+    model = _load(model_dir)
+    data = model.info()
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+
+    out = _out()
+    bases = Table(title=f"frozenvl model {model_dir}", show_header=False, title_justify="left")
+    bases.add_column("what", style="bold")
+    bases.add_column("value", overflow="fold")
+    bases.add_row("base LLM", str(data["llm"]))
+    bases.add_row("vision encoder", str(data["vision"]) if data["vision"] else "none")
+    bases.add_row("frozen LLM params", _fmt(data["frozen_llm_params"]))
+    bases.add_row("frozen vision params", _fmt(data["frozen_vision_params"]))
+    out.print(bases)
+
+    workflows = Table(title="workflows", title_justify="left")
+    workflows.add_column("task", style="bold")
+    workflows.add_column("family")
+    workflows.add_column("trainable params", justify="right")
+    workflows.add_column("parts")
+    for name, wf in data["workflows"].items():
+        parts = wf.get("parts") or {}
+        parts_text = "\n".join(f"{part}: {_fmt(n)}" for part, n in parts.items()) if parts else "-"
+        workflows.add_row(name, str(wf["family"]), _fmt(wf["trainable_params"]), parts_text)
+    out.print(workflows)
+
+
+# ---------------------------------------------------------------------------- chat
+def _user_content(text: str, n_images: int) -> str:
+    return (IMAGE_PLACEHOLDER + "\n") * n_images + text
+
+
+def _stream_answer(model, out: Console, messages, images, task, gen_kwargs) -> str:
+    """Print the answer as it streams; returns the whole of it. Raises what model.chat raises."""
+    pieces = model.chat(messages, images=images or None, task=task, stream=True, **gen_kwargs)
+    answer = []
+    for piece in pieces:  # raw text, written as is: no markup, wrapping or control-code handling
+        answer.append(piece)
+        out.file.write(piece)
+        out.file.flush()
+    out.file.write("\n")
+    return "".join(answer)
+
+
+def _open_image(path: Path):
+    """Load and fully decode now, so a bad image is reported when it is given, not mid-answer."""
+    return load_image(path)
+
+
+@app.command()
+def chat(
+    model_dir: Annotated[Path, typer.Argument(help="A frozenvl model directory.", show_default=False)],
+    task: Annotated[
+        Optional[str],
+        typer.Option(
+            "--task", "-t", help="Workflow to chat with ('text' is the base LLM). Default: the first workflow."
+        ),
+    ] = None,
+    image: Annotated[
+        Optional[list[Path]],
+        typer.Option("--image", "-i", help="Image for the (first) user message; repeat for several."),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate per answer.")] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy; > 0 samples at this temperature.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (0 < top_p <= 1), when sampling.")] = 1.0,
+    system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
+    prompt: Annotated[
+        Optional[str], typer.Option("--prompt", "-p", help="Answer this once and exit (else: interactive chat).")
+    ] = None,
+) -> None:
+    """Chat with a workflow: one answer with --prompt, else an interactive multi-turn conversation."""
+    if not 0.0 < top_p <= 1.0:
+        raise typer.BadParameter(f"must be in (0, 1], got {top_p}", param_hint="--top-p")
+    config = _read_config(model_dir)
+    tasks = _tasks_of(config)
+    if task is None:
+        task = next(iter(config.workflows), TEXT_TASK)
+    if task not in tasks:
+        _fail(f"unknown task {task!r}; available tasks: {', '.join(tasks)}")
+
+    images = []
+    for path in image or []:
+        try:
+            images.append(_open_image(path))
+        except ImageError as e:
+            _fail(e)
+
+    model = _load(model_dir)
+    gen_kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": temperature > 0,
+        "temperature": temperature if temperature > 0 else 1.0,
+        "top_p": top_p,
+    }
+    base: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    out = _out()
+
+    if prompt is not None:
+        messages = [*base, {"role": "user", "content": _user_content(prompt, len(images))}]
+        try:
+            _stream_answer(model, out, messages, images, task, gen_kwargs)
+        except USER_ERRORS as e:
+            out.print()
+            _fail(e)
+        return
+
+    _interactive(model, out, task, base, images, gen_kwargs)
+
+
+def _interactive(model, out: Console, task: str, base: list[dict[str, Any]], pending: list, gen_kwargs) -> None:
+    try:  # line editing and history at a terminal, where available
+        import readline  # noqa: F401
+    except ImportError:
+        pass
+    messages: list[dict[str, Any]] = list(base)
+    conv_images: list[Any] = []  # every image of the conversation so far, in order
+    out.print(
+        f"[dim]chatting with task [bold]{task}[/bold] (tasks: {', '.join(model.tasks)}); "
+        "/help lists commands, /exit or end of input ends.[/dim]",
+        soft_wrap=True,
+    )
+    while True:
+        try:
+            line = out.input(f"[bold green]{task}>[/bold green] ")
+        except (EOFError, KeyboardInterrupt):
+            out.print()
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command, _, arg = text.partition(" ")
+            arg = arg.strip()
+            if command in ("/exit", "/quit"):
+                return
+            if command == "/help":
+                for usage, what in CHAT_COMMANDS.items():
+                    out.print(f"  {usage:<14} {what}", markup=False)
+            elif command == "/reset":
+                messages, conv_images, pending = list(base), [], []
+                out.print("[dim]conversation cleared[/dim]")
+            elif command == "/task":
+                if arg not in model.tasks:
+                    _print_error(f"unknown task {arg!r}; available tasks: {', '.join(model.tasks)}")
+                else:
+                    task = arg
+                    out.print(f"[dim]task: {task}[/dim]")
+            elif command == "/image":
+                if not arg:
+                    _print_error("/image needs a path: /image PATH")
+                    continue
+                try:
+                    pending.append(_open_image(Path(os.path.expanduser(arg))))
+                except ImageError as e:
+                    _print_error(e)
+                else:
+                    out.print(f"[dim]{len(pending)} image(s) attached to your next message[/dim]")
+            else:
+                _print_error(f"unknown command {command!r}; commands: {', '.join(c.split()[0] for c in CHAT_COMMANDS)}")
+            continue
+
+        user = {"role": "user", "content": _user_content(line.rstrip("\n"), len(pending))}
+        try:
+            answer = _stream_answer(model, out, [*messages, user], [*conv_images, *pending], task, gen_kwargs)
+        except USER_ERRORS as e:
+            out.print()
+            _print_error(e)
+            continue
+        except KeyboardInterrupt:
+            out.print()
+            _print_error("interrupted; this turn was not added to the conversation")
+            continue
+        messages += [user, {"role": "assistant", "content": answer}]
+        conv_images += pending
+        pending = []
+
+
+# ---------------------------------------------------------------------------- import
+def _importer(module: str, function: str):
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            _fail(f"this frozenvl install has no {module} module", code=1)
+        raise
+    return getattr(mod, function)
+
+
+@import_app.command("llava-hf")
+def import_llava_hf(
+    src: Annotated[str, typer.Argument(help="A llava-hf checkpoint: local directory or hub id.", show_default=False)],
+    out: Annotated[Path, typer.Argument(help="Where to write the frozenvl model directory.", show_default=False)],
+    workflow: Annotated[str, typer.Option(help="Name of the workflow the checkpoint becomes.")] = "mm",
+) -> None:
+    """Import a llava-hf (LlavaForConditionalGeneration) checkpoint as a prefix workflow."""
+    fn = _importer("frozenvl.importers.llava", "import_llava_hf")
+    _quiet_transformers()
+    try:
+        result = fn(src, out, workflow=workflow)
+    except USER_ERRORS as e:
+        _fail(f"cannot import {src}: {_one_line(e)}")
+    written = result if isinstance(result, (str, os.PathLike)) else out
+    _out().print(f"wrote frozenvl model (workflow [bold]{workflow}[/bold]) to {written}", soft_wrap=True)
+
+
+if __name__ == "__main__":
+    app()

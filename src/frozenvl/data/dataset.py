@@ -1,0 +1,395 @@
+"""LLaVA-format conversation datasets, collation and modality/length grouped sampling.
+
+A data file is a JSON list or JSONL of samples::
+
+    {"id": "000001", "image": "coco/1.jpg" | ["a.jpg", "b.jpg"] (optional),
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
+                       {"from": "gpt", "value": "A cat."}]}
+
+All samples are validated and tokenized when the dataset is built (see
+:func:`~frozenvl.data.chat.encode_conversation`); image files are only checked for existence
+then, and decoded in ``__getitem__``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..vision.images import ImageError, ImagePreprocessor
+from .chat import IGNORE_INDEX, SampleError, encode_conversation, to_messages
+
+__all__ = ["ConversationDataset", "DataStats", "ModalityLengthGroupedSampler", "collate", "read_records"]
+
+ON_BAD_SAMPLE = ("skip", "error")
+
+
+@dataclass
+class DataStats:
+    """Counts of a dataset build. ``seen == used + sum(skipped.values())`` always holds:
+    a sample dropped in ``__getitem__`` for a broken image moves from ``used`` to ``skipped``."""
+
+    seen: int = 0
+    used: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items()))
+        return f"{self.used}/{self.seen} samples used" + (f"; skipped: {parts}" if parts else "")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _json_error(path: Path, exc: json.JSONDecodeError, line: int | None = None) -> ValueError:
+    if line is None:
+        where = f"line {exc.lineno} column {exc.colno} (char {exc.pos})"
+    else:
+        where = f"line {line} column {exc.colno}"
+    return ValueError(f"{path}: invalid JSON at {where}: {exc.msg}")
+
+
+def read_records(path: str | os.PathLike[str]) -> list[tuple[Any, str]]:
+    """Read a JSON list or JSONL file -> ``[(record, where)]`` (``where`` is "item N" or "line N").
+
+    ``.jsonl`` files are read as JSONL; other files as a JSON list if they hold one, else as
+    JSONL. Malformed JSON raises ValueError naming the file and the line (and column).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{path}: data file not found") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc})") from exc
+    text = text.removeprefix("\ufeff")
+    stripped = text.lstrip()
+    if not stripped:
+        raise ValueError(f"{path}: empty data file")
+
+    if path.suffix.lower() != ".jsonl":
+        if stripped[0] == "[":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise _json_error(path, exc) from exc
+            return [(rec, f"item {i}") for i, rec in enumerate(data)]
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            pass  # not one JSON document: read it as JSONL below
+        else:
+            one_line = "\n" not in text.strip()
+            if not (isinstance(data, dict) and one_line):  # a one-line JSONL file is fine
+                raise ValueError(
+                    f"{path}: expected a JSON list of samples or JSONL (one sample object per line), "
+                    f"got a single JSON {type(data).__name__}"
+                )
+
+    records = []
+    # Split on "\n" only: str.splitlines() would also split on U+2028 etc., legal inside JSON strings.
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((json.loads(line), f"line {lineno}"))
+        except json.JSONDecodeError as exc:
+            raise _json_error(path, exc, line=lineno) from exc
+    return records
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Tokenized LLaVA conversations with lazily decoded images.
+
+    Items are ``{"input_ids": LongTensor[L], "labels": LongTensor[L],
+    "pixel_values": FloatTensor[n_img, 3, H, W] | None, "id": str}``, or None for a sample whose
+    image turned out broken when decoded (``on_bad_sample="skip"``; :func:`collate` drops it).
+
+    ``on_bad_sample="skip"`` drops bad samples and counts them in ``self.stats.skipped[kind]``;
+    ``"error"`` raises :class:`SampleError` naming the sample id, its index and the file. A
+    tokenizer without a usable chat template (kind "template") always raises.
+
+    With DataLoader worker processes, images found broken in a worker are counted in that
+    worker's copy of the dataset; ``stats`` in the main process then only reflects the build.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        tokenizer,
+        tokens_per_image: int,
+        preprocessor: ImagePreprocessor | None,
+        image_root: str | os.PathLike[str] | None = None,
+        max_length: int | None = None,
+        truncation: str = "skip",
+        on_bad_sample: str = "skip",
+    ) -> None:
+        if on_bad_sample not in ON_BAD_SAMPLE:
+            raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
+        self.path = Path(path)
+        self.image_root = Path(image_root) if image_root is not None else self.path.parent
+        self.tokenizer = tokenizer
+        self.tokens_per_image = int(tokens_per_image)
+        self.preprocessor = preprocessor
+        self.max_length = max_length
+        self.truncation = truncation
+        self.on_bad_sample = on_bad_sample
+        self.stats = DataStats()
+
+        self.ids: list[str] = []
+        self.image_paths: list[tuple[Path, ...]] = []
+        self.lengths: list[int] = []
+        self.has_image: list[bool] = []
+        self.num_truncated = 0
+        self._broken: set[int] = set()
+        id_chunks: list[np.ndarray] = []
+        label_chunks: list[np.ndarray] = []
+
+        for index, (record, where) in enumerate(read_records(self.path)):
+            self.stats.seen += 1
+            sample_id = str(record.get("id", index)) if isinstance(record, dict) else str(index)
+            try:
+                enc, paths = self._encode(record, sample_id)
+            except SampleError as exc:
+                if exc.kind == "template" or on_bad_sample == "error":
+                    raise self._located(exc, sample_id, index, where) from exc
+                self.stats.skipped[exc.kind] += 1
+                continue
+            self.stats.used += 1
+            self.num_truncated += enc.truncated
+            self.ids.append(sample_id)
+            self.image_paths.append(paths)
+            self.lengths.append(len(enc.input_ids))
+            self.has_image.append(bool(paths))
+            id_chunks.append(np.asarray(enc.input_ids, dtype=np.int64))
+            label_chunks.append(np.asarray(enc.labels, dtype=np.int64))
+
+        if not self.ids:
+            raise ValueError(f"{self.path}: no usable samples ({self.stats.summary()})")
+        # Flat arrays (not per-sample lists of ints): compact, and cheap to share with workers.
+        self._offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+        self._input_ids = np.concatenate(id_chunks)
+        self._labels = np.concatenate(label_chunks)
+
+    # ----------------------------------------------------------------- building
+
+    def _located(self, exc: SampleError, sample_id: str, index: int, where: str) -> SampleError:
+        err = SampleError(
+            f"{self.path} ({where}, index {index}), sample {sample_id!r}: {exc}", kind=exc.kind, sample_id=sample_id
+        )
+        return err
+
+    def _image_list(self, record: dict, sample_id: str) -> list[str]:
+        image = record.get("image")
+        if image is None:
+            return []
+        if isinstance(image, str):
+            images = [image]
+        elif isinstance(image, list) and all(isinstance(p, str) for p in image):
+            images = list(image)
+        else:
+            raise SampleError(
+                f"sample {sample_id!r}: 'image' must be a path or a list of paths, got {image!r}",
+                kind="bad_format",
+                sample_id=sample_id,
+            )
+        if any(not p.strip() for p in images):
+            raise SampleError(f"sample {sample_id!r}: empty image path", kind="bad_format", sample_id=sample_id)
+        return images
+
+    def _encode(self, record: Any, sample_id: str):
+        if not isinstance(record, dict):
+            raise SampleError(
+                f"sample {sample_id!r}: expected an object, got {type(record).__name__}",
+                kind="bad_format",
+                sample_id=sample_id,
+            )
+        if "conversations" not in record:
+            raise SampleError(f"sample {sample_id!r}: no 'conversations'", kind="bad_format", sample_id=sample_id)
+        images = self._image_list(record, sample_id)
+        messages = to_messages(record["conversations"], sample_id=sample_id)
+        enc = encode_conversation(
+            self.tokenizer,
+            messages,
+            tokens_per_image=self.tokens_per_image,
+            max_length=self.max_length,
+            truncation=self.truncation,
+            sample_id=sample_id,
+            num_images=len(images),
+        )
+        paths = tuple(self.image_root / p for p in images)
+        for p in paths:
+            if not p.is_file():
+                raise SampleError(
+                    f"sample {sample_id!r}: image {p} not found", kind="missing_image", sample_id=sample_id
+                )
+        if paths and self.preprocessor is None:
+            raise ValueError(
+                f"{self.path}: sample {sample_id!r} has images but the dataset was given no preprocessor"
+            )
+        return enc, paths
+
+    # ----------------------------------------------------------------- access
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        if index < 0:
+            index += len(self)
+        if index in self._broken:
+            return None
+        start, end = int(self._offsets[index]), int(self._offsets[index + 1])
+        pixel_values = None
+        paths = self.image_paths[index]
+        if paths:
+            try:
+                pixel_values = self.preprocessor([str(p) for p in paths])
+            except ImageError as exc:
+                sample_id = self.ids[index]
+                if self.on_bad_sample == "error":
+                    raise SampleError(
+                        f"{self.path}, sample {sample_id!r} (index {index}): bad image: {exc}",
+                        kind="bad_image",
+                        sample_id=sample_id,
+                    ) from exc
+                self._broken.add(index)
+                self.stats.used -= 1
+                self.stats.skipped["bad_image"] += 1
+                return None
+        return {
+            "input_ids": torch.from_numpy(self._input_ids[start:end].copy()),
+            "labels": torch.from_numpy(self._labels[start:end].copy()),
+            "pixel_values": pixel_values,
+            "id": self.ids[index],
+        }
+
+    def collate_fn(self):
+        """:func:`collate` bound to the tokenizer's pad id (eos when it has no pad token)."""
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id
+        return partial(collate, pad_token_id=pad)
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def collate(batch: Sequence[dict[str, Any] | None], pad_token_id: int) -> dict[str, Any] | None:
+    """Right-pad a list of dataset items; None items are dropped (None if nothing is left).
+
+    Returns ``{"input_ids", "labels" (padded with -100), "attention_mask", "pixel_values"}``;
+    ``pixel_values`` is every item's images concatenated in order, or None if there are none.
+    """
+    if pad_token_id is None:
+        raise ValueError("collate needs a pad_token_id")
+    items = [b for b in batch if b is not None]
+    if not items:
+        return None
+    width = max(len(b["input_ids"]) for b in items)
+    input_ids = torch.full((len(items), width), int(pad_token_id), dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, b in enumerate(items):
+        n = len(b["input_ids"])
+        input_ids[row, :n] = torch.as_tensor(b["input_ids"], dtype=torch.long)
+        labels[row, :n] = torch.as_tensor(b["labels"], dtype=torch.long)
+        attention_mask[row, :n] = 1
+    pixels = [b["pixel_values"] for b in items if b.get("pixel_values") is not None]
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention_mask,
+        "pixel_values": torch.cat(pixels, dim=0) if pixels else None,
+    }
+
+
+class ModalityLengthGroupedSampler(torch.utils.data.Sampler[int]):
+    """Index order for a DataLoader with ``batch_size``: each batch holds one modality and similar lengths.
+
+    Per modality (image vs text-only) the indices are shuffled, cut into mega-batches of
+    ``batch_size * mega_batch_mult``, each sorted by length (longest first) and cut into batches;
+    the full batches of both modalities are then shuffled together. The at most two partial
+    batches (one per modality) go last, together (so only the final one or two batches can mix
+    modalities). Everything is deterministic in ``seed`` and the epoch (:meth:`set_epoch`).
+    With ``shuffle=False`` no randomness is used at all.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        has_image: Sequence[bool],
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        mega_batch_mult: int = 50,
+    ) -> None:
+        if len(lengths) != len(has_image):
+            raise ValueError(f"lengths ({len(lengths)}) and has_image ({len(has_image)}) differ in size")
+        if batch_size <= 0 or mega_batch_mult <= 0:
+            raise ValueError("batch_size and mega_batch_mult must be positive")
+        self.lengths = [int(x) for x in lengths]
+        self.has_image = [bool(x) for x in has_image]
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.mega_batch_mult = int(mega_batch_mult)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def _batches(self, indices: list[int], gen: torch.Generator | None) -> list[list[int]]:
+        if gen is not None:
+            indices = [indices[i] for i in torch.randperm(len(indices), generator=gen).tolist()]
+        mega = self.batch_size * self.mega_batch_mult
+        out = []
+        for s in range(0, len(indices), mega):
+            chunk = sorted(indices[s : s + mega], key=lambda i: -self.lengths[i])  # stable
+            out.extend(chunk[k : k + self.batch_size] for k in range(0, len(chunk), self.batch_size))
+        return out
+
+    def batches(self) -> list[list[int]]:
+        """The batches of the current epoch."""
+        gen = None
+        if self.shuffle:
+            gen = torch.Generator()
+            gen.manual_seed(self.seed * 1_000_003 + self.epoch)
+        image = [i for i, h in enumerate(self.has_image) if h]
+        text = [i for i, h in enumerate(self.has_image) if not h]
+        full: list[list[int]] = []
+        leftover: list[int] = []
+        for group in (image, text):
+            for b in self._batches(group, gen):
+                if len(b) == self.batch_size:
+                    full.append(b)
+                else:
+                    leftover.extend(b)
+        if gen is not None:
+            full = [full[i] for i in torch.randperm(len(full), generator=gen).tolist()]
+        tail = [leftover[k : k + self.batch_size] for k in range(0, len(leftover), self.batch_size)]
+        return full + tail
+
+    def __iter__(self) -> Iterator[int]:
+        for b in self.batches():
+            yield from b
+
+    def num_batches(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)

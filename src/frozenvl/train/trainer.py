@@ -1,0 +1,403 @@
+"""Staged training of one workflow on a frozen base, on HF accelerate.
+
+Design points:
+- Only the workflow's parameters are optimised; the base LLM and the vision tower stay frozen and
+  in eval mode, and their checksum is verified at the end.
+- The loss of an optimizer step is the mean over all label tokens of the whole global batch (every
+  micro-batch of every process), so N processes with batch b train exactly like one with N*b.
+- The data order is a pure function of (seed, stage, epoch): a resumed run skips what was consumed
+  and continues bit for bit as if never stopped.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import hashlib
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from ..config import ConfigError
+from ..model import FrozenVLModel
+from . import checkpoint as ckpt
+from .config import StageConfig, TrainConfig
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    skipped: dict[str, int] = field(default_factory=dict)
+    skipped_steps: int = 0
+    base_unchanged: bool = True
+    final_loss: float | None = None
+    resumed_from: str | None = None
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
+        return (
+            f"steps {self.steps} | label tokens {self.tokens} | {self.seconds:.1f}s | "
+            f"skipped samples: {skipped} | base weights unchanged: {'yes' if self.base_unchanged else 'NO'}"
+        )
+
+
+def base_checksum(model: FrozenVLModel) -> str:
+    """SHA-256 over the frozen base LLM's and vision tower's weights."""
+    h = hashlib.sha256()
+    modules = [("llm", model.llm)] + ([("vision", model.vision)] if model.vision is not None else [])
+    for prefix, module in modules:
+        for name, t in module.state_dict().items():
+            h.update(f"{prefix}.{name}".encode())
+            h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def select_parameters(family: nn.Module, selectors: list[str]) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Resolve a stage's `train` list: family part names, or fnmatch patterns over parameter names."""
+    parts = family.parts()
+    by_id = {id(p): n for n, p in family.named_parameters()}
+    chosen: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    for sel in selectors:
+        if sel in parts:
+            chosen[sel] = [(by_id[id(p)], p) for p in parts[sel]]
+        else:
+            hits = [(n, p) for n, p in family.named_parameters() if fnmatch.fnmatch(n, sel)]
+            if not hits:
+                raise ConfigError(
+                    f"train entry {sel!r} is neither a part of this family ({sorted(parts)}) nor a pattern "
+                    "matching any of its parameter names"
+                )
+            chosen[sel] = hits
+    return chosen
+
+
+def _lr_for(selector: str, lr: float | dict[str, float], stage: str) -> float:
+    if isinstance(lr, dict):
+        if selector not in lr:
+            raise ConfigError(f"stage {stage!r}: lr has no entry for {selector!r} (it has {sorted(lr)})")
+        return float(lr[selector])
+    return float(lr)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    for m in model.modules():
+        if isinstance(m, GradientCheckpointingLayer):
+            m.gradient_checkpointing = True
+            m._gradient_checkpointing_func = fn
+
+
+class Trainer:
+    """Trains `cfg.workflow` through `cfg.stages`; see :func:`train` for the one-call entry point."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: FrozenVLModel | None = None,
+        show_progress: bool = True,
+        callbacks: list[Callable[["Trainer", ckpt.Position], None]] | None = None,
+    ):
+        self.cfg = cfg
+        self.callbacks = list(callbacks or [])  # called after every optimizer step (and its checkpoint)
+        precision = cfg.precision
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_available() else "fp32"
+        # accelerate only sets up multi-process CPU runs (gloo) when told it is on CPU.
+        multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        self.accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=multi_cpu)
+        self.show_progress = show_progress and self.accelerator.is_main_process
+        set_seed(cfg.seed)
+        self.task = cfg.workflow_name
+        if model is None:
+            model = FrozenVLModel.build(cfg.llm, cfg.vision, workflows={}, dtype=cfg.dtype)
+        if self.task not in model.workflows:
+            if cfg.init_from:
+                model.load_workflow(cfg.init_from, self.task)
+            else:
+                model.add_workflow(self.task, cfg.workflow_config())
+        self.model = model.to(self.accelerator.device)
+        self.family = model.workflow(self.task)
+        if precision != "fp32":
+            self.family.float()  # trainable weights in fp32; autocast does the low-precision math
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+        self.dataset = self._dataset()
+
+    # ------------------------------------------------------------------ data
+    def _dataset(self):
+        from ..data.dataset import ConversationDataset
+
+        d = self.cfg.data
+        m = self.model
+        return ConversationDataset(
+            d.train,
+            tokenizer=m.tokenizer,
+            tokens_per_image=m.tokens_per_image(self.task),
+            preprocessor=m.preprocessor(self.task) if m.vision is not None else None,
+            image_root=d.image_root,
+            max_length=d.max_length,
+            truncation=d.truncation,
+            on_bad_sample=d.on_bad_sample,
+        )
+
+    def _epoch_order(self, stage_idx: int, epoch: int, global_micro: int) -> list[list[int]]:
+        """Global micro-batches (lists of dataset indices) of one epoch; a pure function of the seed."""
+        seed = self.cfg.seed * 1_000_003 + stage_idx * 1009 + epoch
+        if self.cfg.data.group_by == "modality_length":
+            from ..data.dataset import ModalityLengthGroupedSampler
+
+            sampler = ModalityLengthGroupedSampler(
+                self.dataset.lengths, self.dataset.has_image, global_micro, seed=seed, shuffle=True
+            )
+            order = list(iter(sampler))
+        else:
+            g = torch.Generator().manual_seed(seed)
+            order = torch.randperm(len(self.dataset), generator=g).tolist()
+        batches = [order[i : i + global_micro] for i in range(0, len(order), global_micro)]
+        world = self.accelerator.num_processes
+        if world > 1 and batches and len(batches[-1]) < global_micro:
+            batches = batches[:-1]  # every process needs a share of every micro-batch
+        return batches
+
+    def _steps_per_epoch(self, stage: StageConfig) -> int:
+        n, world = len(self.dataset), self.accelerator.num_processes
+        global_micro = stage.batch_size * world
+        micro = n // global_micro if world > 1 else math.ceil(n / global_micro)
+        return max(1, math.ceil(micro / stage.grad_accum))
+
+    def _load_micro(self, indices: list[int], stage: StageConfig) -> dict[str, Any] | None:
+        from ..data.dataset import collate
+
+        r = self.accelerator.process_index
+        mine = indices[r * stage.batch_size : (r + 1) * stage.batch_size]
+        return collate([self.dataset[i] for i in mine], self.model.tokenizer.pad_token_id)
+
+    # ------------------------------------------------------------------ stage set-up
+    def _setup_stage(self, stage_idx: int):
+        stage = self.cfg.stages[stage_idx]
+        chosen = select_parameters(self.family, stage.train)
+        self.family.requires_grad_(False)
+        groups, seen = [], set()
+        for sel, named in chosen.items():
+            params = [p for _, p in named if id(p) not in seen]
+            seen.update(id(p) for p in params)
+            for p in params:
+                p.requires_grad_(True)
+            if params:
+                groups.append({"params": params, "lr": _lr_for(sel, stage.lr, stage.name), "name": sel})
+        optimizer = torch.optim.AdamW(groups, weight_decay=stage.weight_decay)
+        per_epoch = self._steps_per_epoch(stage)
+        total = stage.steps if stage.steps is not None else max(1, math.ceil(stage.epochs * per_epoch))
+        scheduler = get_scheduler(
+            stage.schedule if stage.schedule != "constant" else "constant_with_warmup",
+            optimizer,
+            num_warmup_steps=int(stage.warmup_ratio * total),
+            num_training_steps=total,
+        )
+        params = [p for g in groups for p in g["params"]]
+        if self.accelerator.num_processes > 1:
+            ddp = self.accelerator.prepare_model(self.model, device_placement=False)
+        else:
+            ddp = self.model
+        return stage, optimizer, scheduler, params, total, per_epoch, ddp
+
+    # ------------------------------------------------------------------ one step
+    def _step(self, ddp, micro_batches, stage, optimizer, scheduler, params) -> tuple[float, int]:
+        acc = self.accelerator
+        device = acc.device
+        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches if b is not None)
+        global_tokens = int(acc.reduce(torch.tensor(local_tokens, device=device), "sum").item())
+        if global_tokens == 0:
+            return float("nan"), 0
+        scale = acc.num_processes / global_tokens  # DDP averages gradients over processes
+        loss_sum = torch.zeros((), device=device)
+        live = [b for b in micro_batches if b is not None] or [None]
+        for k, batch in enumerate(live):
+            sync = k == len(live) - 1
+            ctx = acc.no_sync(ddp) if (not sync and acc.num_processes > 1) else nullcontext()
+            with ctx, acc.autocast():
+                if batch is None:
+                    # Nothing for this process in this step: a zero loss still joins the gradient sync.
+                    loss = sum(p.sum() for p in params) * 0.0
+                else:
+                    out = ddp(
+                        input_ids=batch["input_ids"].to(device),
+                        attention_mask=batch["attention_mask"].to(device),
+                        pixel_values=None if batch["pixel_values"] is None else batch["pixel_values"].to(device),
+                        task=self.task,
+                    )
+                    logits = out.logits[:, :-1].float()
+                    labels = batch["labels"][:, 1:].to(device)
+                    loss = F.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+                    )
+                    loss_sum += loss.detach()
+                acc.backward(loss * scale)
+        if stage.max_grad_norm:
+            acc.clip_grad_norm_(params, stage.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        total_loss = acc.reduce(loss_sum, "sum").item() / global_tokens
+        return total_loss, global_tokens
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, optimizer, scheduler, position: ckpt.Position) -> None:
+        acc = self.accelerator
+        tmp = None
+        if acc.is_main_process:
+            tmp = ckpt.begin(self.cfg.output_dir, position.global_step)
+        acc.wait_for_everyone()
+        tmp = tmp or os.path.join(
+            ckpt.checkpoint_root(self.cfg.output_dir), f"{ckpt.TMP_PREFIX}{ckpt.PREFIX}{position.global_step:08d}"
+        )
+        ckpt.write_rng(tmp, acc.process_index)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            extra = {"skipped": dict(self.dataset.stats.skipped), "task": self.task}
+            ckpt.write_main(tmp, self.family.owned_state_dict(), optimizer, scheduler, position, extra)
+            ckpt.commit(tmp, self.cfg.keep_last)
+        acc.wait_for_everyone()
+
+    # ------------------------------------------------------------------ the run
+    def train(self, resume: bool = False) -> TrainResult:
+        cfg, acc = self.cfg, self.accelerator
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        result = TrainResult(output_dir=cfg.output_dir)
+        checksum_before = base_checksum(self.model)
+        position = ckpt.Position()
+        restored = None
+        if resume:
+            found = ckpt.list_checkpoints(cfg.output_dir)
+            if found:
+                restored = ckpt.read(found[-1], acc.process_index, acc.device)
+                position = restored["position"]
+                result.resumed_from = found[-1]
+                with torch.no_grad():
+                    named = dict(self.family.named_parameters())
+                    for k, v in restored["weights"].items():
+                        named[k].copy_(v)
+            elif acc.is_main_process:
+                print(f"--resume: no checkpoint under {ckpt.checkpoint_root(cfg.output_dir)}; starting fresh")
+        metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        metrics = open(metrics_path, "a", encoding="utf-8") if acc.is_main_process else None
+        tb = self._tensorboard()
+        start = time.time()
+        self.model.train()
+        last_loss = None
+        try:
+            for stage_idx in range(position.stage, len(cfg.stages)):
+                stage, optimizer, scheduler, params, total, per_epoch, ddp = self._setup_stage(stage_idx)
+                if restored is not None and restored["position"].stage == stage_idx:
+                    if position.stage_step > 0:  # mid-stage (a stage-end checkpoint starts the next one fresh)
+                        optimizer.load_state_dict(restored["optimizer"])
+                        scheduler.load_state_dict(restored["scheduler"])
+                    if restored["rng"] is not None:
+                        ckpt.set_rng_state(restored["rng"])
+                else:
+                    position = ckpt.Position(stage=stage_idx, global_step=position.global_step, tokens=position.tokens)
+                bar = tqdm(total=total, initial=position.stage_step, desc=f"stage {stage.name}",
+                           disable=not self.show_progress, dynamic_ncols=True)
+                global_micro = stage.batch_size * acc.num_processes
+                while position.stage_step < total:
+                    order = self._epoch_order(stage_idx, position.epoch, global_micro)
+                    steps = [order[i : i + stage.grad_accum] for i in range(0, len(order), stage.grad_accum)]
+                    for step_batches in steps[position.step_in_epoch :]:
+                        if position.stage_step >= total:
+                            break
+                        t0 = time.time()
+                        micro = [self._load_micro(ix, stage) for ix in step_batches]
+                        loss, tokens = self._step(ddp, micro, stage, optimizer, scheduler, params)
+                        position.step_in_epoch += 1
+                        position.stage_step += 1
+                        position.global_step += 1
+                        position.tokens += tokens
+                        if tokens == 0:
+                            result.skipped_steps += 1
+                        else:
+                            last_loss = loss
+                        lr = scheduler.get_last_lr()[0]
+                        tps = tokens / max(time.time() - t0, 1e-9)
+                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
+                        bar.update(1)
+                        if metrics is not None and (position.global_step % max(1, cfg.log_every) == 0):
+                            row = {"step": position.global_step, "stage": stage.name, "epoch": position.epoch,
+                                   "loss": loss, "lr": lr, "tokens": tokens, "tokens_per_s": tps}
+                            metrics.write(json.dumps(row) + "\n")
+                            metrics.flush()
+                            if tb is not None:
+                                tb.add_scalar("train/loss", loss, position.global_step)
+                                tb.add_scalar("train/lr", lr, position.global_step)
+                        if cfg.save_every and position.global_step % cfg.save_every == 0 and position.stage_step < total:
+                            self._save_checkpoint(optimizer, scheduler, position)
+                        for callback in self.callbacks:
+                            callback(self, position)
+                    else:
+                        position.epoch += 1
+                        position.step_in_epoch = 0
+                        continue
+                    break
+                bar.close()
+                # Stage done: the checkpoint points at the start of the next stage.
+                done = ckpt.Position(stage=stage_idx + 1, global_step=position.global_step, tokens=position.tokens)
+                self._save_checkpoint(optimizer, scheduler, done)
+                position = done
+                restored = None
+        finally:
+            if metrics is not None:
+                metrics.close()
+            if tb is not None:
+                tb.close()
+        self.model.eval()
+        result.steps = position.global_step
+        result.tokens = position.tokens
+        result.seconds = time.time() - start
+        result.skipped = {k: int(v) for k, v in self.dataset.stats.skipped.items()}
+        result.final_loss = last_loss
+        result.base_unchanged = base_checksum(self.model) == checksum_before
+        if acc.is_main_process:
+            self.model.save_pretrained(cfg.output_dir, tasks=[self.task])
+            with open(os.path.join(cfg.output_dir, "train_summary.json"), "w") as f:
+                json.dump(result.__dict__, f, indent=1)
+        acc.wait_for_everyone()
+        if not result.base_unchanged:
+            raise RuntimeError("the frozen base weights changed during training: this is a frozenvl bug")
+        return result
+
+    def _tensorboard(self):
+        if not (self.cfg.tensorboard and self.accelerator.is_main_process):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            print("tensorboard is not installed; metrics go to metrics.jsonl only")
+            return None
+        return SummaryWriter(os.path.join(self.cfg.output_dir, "tensorboard"))
+
+
+def train(config: TrainConfig | dict | str, resume: bool = False, model: FrozenVLModel | None = None,
+          show_progress: bool = True, callbacks=None) -> TrainResult:
+    """Train from a TrainConfig, a dict, or a YAML path; returns the run's result and writes the model dir."""
+    if isinstance(config, str):
+        config = TrainConfig.from_yaml(config)
+    elif isinstance(config, dict):
+        config = TrainConfig.from_dict(config)
+    return Trainer(config, model=model, show_progress=show_progress, callbacks=callbacks).train(resume=resume)
+

@@ -1,0 +1,195 @@
+"""Training engine: stages, frozen base, skip/strict data policies, crash-safe resume, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import frozenvl
+from frozenvl.config import ConfigError
+from frozenvl.data.chat import SampleError
+from frozenvl.train import TrainConfig, train
+from frozenvl.train.trainer import base_checksum
+
+from .conftest import write_llava_data
+
+
+def _config(llm, vis, data, out, **over):
+    cfg = {
+        "llm": llm,
+        "vision": vis,
+        "output_dir": str(out),
+        "workflow": {"name": "mm", "family": "inner_adaptor", "layers": [0, 2]},
+        "data": {"train": data, "max_length": 256},
+        "stages": [
+            {"name": "align", "train": ["connector"], "lr": 1e-2, "steps": 3, "batch_size": 4, "warmup_ratio": 0.0},
+            {"name": "tune", "train": ["connector", "adapter"], "lr": {"connector": 1e-3, "adapter": 1e-3},
+             "steps": 4, "batch_size": 2, "grad_accum": 2, "schedule": "constant", "warmup_ratio": 0.0},
+        ],
+        "save_every": 2,
+        "keep_last": 2,
+        "log_every": 1,
+        "seed": 0,
+    }
+    for k, v in over.items():
+        cfg[k] = v
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_llava_data(tmp_path_factory.mktemp("data"), n=12)
+
+
+def test_two_stages_train_only_what_each_stage_names(bases, data, tmp_path):
+    llm, vis = bases()
+    cfg = TrainConfig.from_dict(_config(llm, vis, data, tmp_path / "run"))
+    cfg.stages = cfg.stages[:1]  # stage 1 alone: only the connector may move
+    model = frozenvl.build(llm, vis, workflows={"mm": cfg.workflow_config()})
+    fam = model.workflows["mm"]
+    adapter0 = {n: p.detach().clone() for n, p in fam.adaptors.named_parameters()}
+    conn0 = {n: p.detach().clone() for n, p in fam.connector.named_parameters()}
+    base0 = base_checksum(model)
+    res = train(cfg, model=model, show_progress=False)
+    assert res.steps == 3 and res.base_unchanged and base_checksum(model) == base0
+    assert all(torch.equal(adapter0[n], p) for n, p in fam.adaptors.named_parameters())
+    assert any(not torch.equal(conn0[n], p) for n, p in fam.connector.named_parameters())
+    # the run dir is a frozenvl model dir
+    loaded = frozenvl.load(tmp_path / "run")
+    inputs = model.prepare_inputs("<image> what colour", [os.path.join(os.path.dirname(data), "images/0.png")], "mm")
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs, task="mm").logits, model(**inputs, task="mm").logits)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] > 0 for r in rows)
+
+
+def test_full_run_lowers_the_loss_and_keeps_base(bases, data, tmp_path):
+    llm, vis = bases()
+    cfg = _config(llm, vis, data, tmp_path / "run")
+    cfg["stages"] = [{"name": "s", "train": ["connector", "adapter", "head"], "lr": 3e-3, "steps": 12,
+                      "batch_size": 4, "warmup_ratio": 0.0, "schedule": "constant"}]
+    res = train(cfg, show_progress=False)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert res.base_unchanged and res.tokens > 0
+    summary = json.load(open(tmp_path / "run" / "train_summary.json"))
+    assert summary["steps"] == 12
+
+
+def test_llm_train_full_changes_only_the_workflow_copy(bases, data, tmp_path):
+    llm, vis = bases()
+    cfg = _config(llm, vis, data, tmp_path / "run", workflow={"name": "mm", "family": "prefix", "llm_train": "full"})
+    cfg["stages"] = [{"name": "s", "train": ["connector", "llm"], "lr": 1e-3, "steps": 2, "batch_size": 4}]
+    model = frozenvl.build(llm, vis, workflows={})
+    base0 = base_checksum(model)
+    res = train(cfg, model=model, show_progress=False)
+    own = model.workflows["mm"].own_llm
+    # the fine-tuned copy moved away from the base; the base (what `text` runs) did not
+    assert not torch.equal(own.lm_head.weight, model.llm.lm_head.weight)
+    assert res.base_unchanged and base_checksum(model) == base0
+    saved = load_file(str(tmp_path / "run" / "workflow-mm.safetensors"))
+    assert any(k.startswith("own_llm.") for k in saved)
+
+
+def test_bad_samples_are_counted_or_stop_the_run(bases, tmp_path):
+    llm, vis = bases()
+    data = write_llava_data(tmp_path / "d", n=12, bad={0: "missing", 1: "corrupt"})
+    cfg = _config(llm, vis, data, tmp_path / "run")
+    cfg["stages"] = cfg["stages"][:1]
+    res = train(cfg, show_progress=False)
+    assert res.skipped.get("missing_image") == 1
+    assert res.skipped.get("bad_image", 0) >= 1
+    strict = _config(llm, vis, data, tmp_path / "strict")
+    strict["data"]["on_bad_sample"] = "error"
+    with pytest.raises(SampleError, match="s0"):
+        train(strict, show_progress=False)
+
+
+def test_config_errors_are_clear(bases, data, tmp_path):
+    llm, vis = bases()
+    cfg = _config(llm, vis, data, tmp_path)
+    cfg["stages"][0]["train"] = ["conector"]
+    with pytest.raises(ConfigError, match="'conector' is neither a part"):
+        train(cfg, show_progress=False)
+    cfg = _config(llm, vis, data, tmp_path)
+    cfg["stages"][0]["epochs"] = 1
+    with pytest.raises(ConfigError, match="exactly one of epochs or steps"):
+        TrainConfig.from_dict(cfg)
+    cfg = _config(llm, vis, data, tmp_path)
+    cfg["stages"][1]["lr"] = {"connector": 1e-3}
+    with pytest.raises(ConfigError, match="lr has no entry for 'adapter'"):
+        train(cfg, show_progress=False)
+    with pytest.raises(ConfigError, match="unknown key"):
+        TrainConfig.from_dict({**_config(llm, vis, data, tmp_path), "lr": 1})
+
+
+def _final_weights(run_dir):
+    return load_file(os.path.join(run_dir, "workflow-mm.safetensors"))
+
+
+def test_sigkill_and_resume_gives_the_same_weights(bases, data, tmp_path):
+    llm, vis = bases()
+    ref_dir, crash_dir = tmp_path / "ref", tmp_path / "crash"
+    train(_config(llm, vis, data, ref_dir), show_progress=False)
+
+    cfg_path = tmp_path / "crash.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(llm, vis, data, crash_dir)))
+    # The child kills itself with SIGKILL after optimizer step 5 (stage 2, mid-epoch; checkpoint at step 4).
+    script = textwrap.dedent(f"""
+        import os, signal
+        from frozenvl.train import train
+        def die(trainer, pos):
+            if pos.global_step == 5:
+                os.kill(os.getpid(), signal.SIGKILL)
+        train({str(cfg_path)!r}, show_progress=False, callbacks=[die])
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    ckpts = sorted(os.listdir(crash_dir / "checkpoints"))
+    assert ckpts[-1] == "step-00000004" and not (crash_dir / "workflow-mm.safetensors").exists()
+
+    res = train(str(cfg_path), resume=True, show_progress=False)
+    assert res.resumed_from.endswith("step-00000004") and res.steps == 7
+    ref, got = _final_weights(ref_dir), _final_weights(crash_dir)
+    assert ref.keys() == got.keys()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert len(os.listdir(crash_dir / "checkpoints")) == 2  # keep_last
+
+
+def test_two_processes_match_one(bases, data, tmp_path):
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not on PATH")
+    llm, vis = bases()
+    one = _config(llm, vis, data, tmp_path / "one")
+    one["stages"] = [{"name": "s", "train": ["connector", "adapter"], "lr": 1e-3, "steps": 3, "batch_size": 4,
+                      "grad_accum": 1, "warmup_ratio": 0.0}]
+    two = json.loads(json.dumps(one))
+    two["output_dir"] = str(tmp_path / "two")
+    two["stages"][0]["batch_size"] = 2  # 2 processes x 2 = the same global batch of 4
+    train(one, show_progress=False)
+    cfg_path = tmp_path / "two.yaml"
+    cfg_path.write_text(yaml.safe_dump(two))
+    script = tmp_path / "run2.py"
+    script.write_text(f"from frozenvl.train import train\ntrain({str(cfg_path)!r}, show_progress=False)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        ["torchrun", "--nproc_per_node", "2", "--master_port", "29517", str(script)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    la = [json.loads(x)["loss"] for x in open(tmp_path / "one" / "metrics.jsonl")]
+    lb = [json.loads(x)["loss"] for x in open(tmp_path / "two" / "metrics.jsonl")]
+    assert len(la) == len(lb) == 3
+    assert all(abs(x - y) <= 1e-5 * max(1.0, abs(x)) for x, y in zip(la, lb))
