@@ -221,7 +221,7 @@ def test_output_layout(default_pair):
     saved = _json(os.path.join(out, "frozenvl.json"))
     wf = saved["workflows"]["mm"]
     assert (wf["family"], wf["connector"], wf["select_layer"], wf["keep_cls"]) == ("prefix", "mlp2x_gelu", -2, False)
-    assert saved["llm"] == os.path.join(out, "llm") and saved["vision"] == os.path.join(out, "vision")
+    assert saved["llm"] == "llm" and saved["vision"] == "vision"  # inside the dir: recorded relative to it
     assert type(ours.llm).__name__ == "LlamaForCausalLM"
     assert type(ours.vision.model).__name__ == "CLIPVisionModel"
     # the text workflow is the untouched language model

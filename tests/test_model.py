@@ -281,3 +281,18 @@ def test_bad_inputs_get_clear_errors(bases, images, tmp_path):
         model.generate(prompt="<image> hi", images=[images[0]], task="text", max_new_tokens=2)
     with pytest.raises(ValueError, match="exceeds the LLM's max_position_embeddings"):
         model.generate(prompt="red " * 5000, task="mm", max_new_tokens=2)
+
+
+def test_model_dir_with_bases_inside_can_move(tmp_path, images):
+    from frozenvl.tiny import build_tiny_bases
+
+    llm, vis = build_tiny_bases(tmp_path / "model")
+    model = frozenvl.build(llm, vis, workflows={"mm": FAMILY_WORKFLOWS["prefix"]})
+    model.save_pretrained(tmp_path / "model")
+    cfg = frozenvl.ModelConfig.load(tmp_path / "model")
+    assert (cfg.llm, cfg.vision) == ("llm", "vision")
+    (tmp_path / "model").rename(tmp_path / "moved")
+    moved = frozenvl.load(tmp_path / "moved")
+    inputs = model.prepare_inputs("<image> hi", [images[0]], task="mm")
+    with torch.no_grad():
+        assert torch.equal(moved(**inputs, task="mm").logits, model(**inputs, task="mm").logits)

@@ -3,6 +3,7 @@
     frozenvl info MODEL_DIR [--json]
     frozenvl chat MODEL_DIR [--task NAME] [--image PATH ...] [--prompt TEXT] ...
     frozenvl import llava-hf SRC OUT [--workflow mm]
+    frozenvl train CONFIG.yaml [--resume]
     frozenvl --version
 
 Mistakes a user can make (a missing or wrong model directory, a bad config, an unknown task, an
@@ -327,7 +328,28 @@ def _interactive(model, out: Console, task: str, base: list[dict[str, Any]], pen
         pending = []
 
 
-# ---------------------------------------------------------------------------- import
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="Training config (YAML); see docs/training.md.", show_default=False)],
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in output_dir.")] = False,
+) -> None:
+    """Train a workflow through the config's stages (multi-process: torchrun / accelerate launch -m frozenvl train)."""
+    from frozenvl.train import TrainConfig
+    from frozenvl.train import train as run_training
+
+    _quiet_transformers()
+    if not config.is_file():
+        _fail(f"training config {config} does not exist")
+    try:
+        cfg = TrainConfig.from_yaml(config)
+        result = run_training(cfg, resume=resume)
+    except USER_ERRORS as e:
+        _fail(f"{config}: {_one_line(e)}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        _out().print(f"[bold]done[/bold] {result.summary()}", soft_wrap=True)
+        _out().print(f"model written to {result.output_dir}", soft_wrap=True)
+
+
 def _importer(module: str, function: str):
     try:
         mod = importlib.import_module(module)

@@ -374,6 +374,8 @@ class FrozenVLModel(nn.Module):
             save_file(state, os.path.join(directory, WEIGHTS_PATTERN.format(name=name)), metadata={"format": "pt"})
         cfg = ModelConfig.from_dict(self.config.to_dict())
         cfg.workflows = {n: cfg.workflows[n] for n in names}
+        # Base models stored inside the model dir are recorded relative to it, so the dir can move.
+        cfg.llm, cfg.vision = _relative_to(cfg.llm, directory), _relative_to(cfg.vision, directory)
         cfg.save(directory)
 
     def load_workflow(self, directory: str | os.PathLike, name: str, as_name: str | None = None) -> Family:
@@ -414,6 +416,7 @@ class FrozenVLModel(nn.Module):
 def load(directory: str | os.PathLike, *, dtype=None, device=None, attn_implementation=None) -> FrozenVLModel:
     """Open a frozenvl model directory: base models from the recorded ids/paths, workflows from safetensors."""
     cfg = ModelConfig.load(directory)
+    cfg.llm, cfg.vision = _inside(cfg.llm, directory), _inside(cfg.vision, directory)
     model = FrozenVLModel.build(
         cfg.llm,
         cfg.vision,
@@ -424,6 +427,20 @@ def load(directory: str | os.PathLike, *, dtype=None, device=None, attn_implemen
     for name in cfg.workflows:
         model.load_workflow(directory, name)
     return model.to(device) if device is not None else model
+
+
+def _relative_to(path: str | None, directory: str | os.PathLike) -> str | None:
+    if path is None or not os.path.isabs(path):
+        return path
+    rel = os.path.relpath(path, os.path.abspath(directory))
+    return rel if not rel.startswith("..") else path
+
+
+def _inside(path: str | None, directory: str | os.PathLike) -> str | None:
+    if path is None or os.path.isabs(path):
+        return path
+    local = os.path.join(os.path.abspath(directory), path)
+    return local if os.path.isdir(local) else path
 
 
 def _load_weights(family: Family, path: str) -> None:
