@@ -298,8 +298,13 @@ def test_read_eval_file(eval_path, tmp_path):
         read_eval_file(bad)
 
 
-def test_evaluate_multimodal(model, eval_path, tmp_path):
-    report = evaluate(model, eval_path, task="mm", batch_size=4, max_new_tokens=6, progress=False)
+@pytest.fixture(scope="module")
+def mm_report(model, eval_path):
+    return evaluate(model, eval_path, task="mm", batch_size=4, max_new_tokens=6, progress=False)
+
+
+def test_evaluate_multimodal(model, eval_path, mm_report, tmp_path):
+    report = mm_report
     assert isinstance(report, EvalReport)
     assert report.skipped == {"missing_image": 1}
     assert len(report.predictions) == 10
@@ -332,9 +337,9 @@ def test_evaluate_multimodal(model, eval_path, tmp_path):
         evaluate(model, eval_path, task="mm", max_new_tokens=2, progress=False, strict=True)
 
 
-def test_evaluate_batched_equals_unbatched(model, eval_path):
-    one = evaluate(model, eval_path, task="mm", batch_size=1, max_new_tokens=8, progress=False)
-    four = evaluate(model, eval_path, task="mm", batch_size=4, max_new_tokens=8, progress=False)
+def test_evaluate_batched_equals_unbatched(model, eval_path, mm_report):
+    one = evaluate(model, eval_path, task="mm", batch_size=1, max_new_tokens=6, progress=False)
+    four = mm_report
     assert [p["prediction"] for p in one.predictions] == [p["prediction"] for p in four.predictions]
     assert one.metrics == pytest.approx(four.metrics)
 
@@ -357,6 +362,16 @@ def test_evaluate_matches_model_chat(model, eval_path):
                     task="mm", max_new_tokens=6)
     assert by_id["t1"] == t1.strip()
     assert by_id["v1"] == v1.strip()
+
+
+def test_evaluate_without_chat_template(model, eval_path):
+    """use_chat=False: the raw question, with the tokenizer's special tokens, as `generate(prompt=...)`."""
+    items = [it for it in read_eval_file(eval_path) if it["id"] == "t1"]
+    report = evaluate(model, items, task="text", max_new_tokens=6, use_chat=False, progress=False)
+    ids = model.generate(prompt="what is 2 plus 2?", task="text", max_new_tokens=6)[0].tolist()
+    eos = model.tokenizer.eos_token_id
+    ids = ids[: ids.index(eos)] if eos in ids else ids
+    assert report.predictions[0]["prediction"] == model.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
 def test_evaluate_bad_arguments(model, eval_path):
