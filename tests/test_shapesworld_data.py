@@ -28,7 +28,7 @@ from frozenvl.shapesworld.tasks import CAPTION_PROMPT, DAYS, LEFT_MARGIN, MONTHS
 from frozenvl.shapesworld.world import LARGE_R, SMALL_R
 from frozenvl.vision.images import square_pad_offsets
 
-GEN_ARGS = dict(n_train_images=40, n_eval_images=40, n_text_train=600, n_text_eval=None)
+GEN_ARGS = dict(n_train_images=100, n_eval_images=100, n_text_train=600, n_text_eval=None)
 RGB_TO_COLOUR = {v: k for k, v in COLOURS.items()}
 
 
@@ -61,10 +61,12 @@ def _blobs(path: Path) -> list[dict]:
 
 def _find_blobs(path: Path) -> list[dict]:
     """Connected (4-neighbour) components of non-background pixels, measured on the image."""
-    arr = np.asarray(Image.open(path).convert("RGB"))
+    arr = np.asarray(Image.open(path).convert("RGB")).astype(np.int64)
     h, w, _ = arr.shape
-    mask = np.any(arr != np.array(BACKGROUND, dtype=arr.dtype), axis=2)
-    pixels = [[tuple(px) for px in row] for row in arr.tolist()]
+    code = (arr[..., 0] << 16) | (arr[..., 1] << 8) | arr[..., 2]  # one int per pixel
+    bg = (BACKGROUND[0] << 16) | (BACKGROUND[1] << 8) | BACKGROUND[2]
+    mask = code != bg
+    pixels = code.tolist()
     todo = mask.tolist()  # True: a shape pixel not yet assigned to a blob
     blobs = []
     for y0, x0 in zip(*np.nonzero(mask)):
@@ -82,7 +84,8 @@ def _find_blobs(path: Path) -> list[dict]:
                     todo[ny][nx] = False
                     stack.append((ny, nx))
         assert len(colours) == 1, f"{path}: a blob with several colours {colours} (overlap or antialiasing)"
-        rgb = colours.pop()
+        c = colours.pop()
+        rgb = (c >> 16, (c >> 8) & 255, c & 255)
         assert rgb in RGB_TO_COLOUR, f"{path}: unexpected colour {rgb}"
         x1, x2, y1, y2 = min(xs), max(xs), min(ys), max(ys)
         bw, bh = x2 - x1 + 1, y2 - y1 + 1
@@ -138,7 +141,7 @@ def _check_item(root: Path, image: str, qtype: str, question: str, answer: str, 
         (kind,) = _Q["colour"].fullmatch(question).groups()
         blob = _one(blobs, kind=kind)
         assert answer == blob["colour"], where
-        assert COLOURS[answer] in {tuple(int(c) for c in px) for px in np.asarray(Image.open(path)).reshape(-1, 3)}
+        assert np.all(np.asarray(Image.open(path)) == np.array(COLOURS[answer], dtype=np.uint8), axis=2).any()
     elif qtype == "shape":
         (colour,) = _Q["shape"].fullmatch(question).groups()
         assert answer == _one(blobs, colour=colour)["kind"], where
@@ -263,7 +266,7 @@ def test_file_formats(dataset):
             assert set(r) == {"id", "task", "qtype", "question", "answer"} | ({"image"} if task != "text" else set())
     meta = json.loads((root / "meta.json").read_text())
     assert meta["seed"] == 0 and meta["counts"] == info["counts"]
-    assert len(list((root / "images" / "train").glob("*.png"))) == 40
+    assert len(list((root / "images" / "train").glob("*.png"))) == GEN_ARGS["n_train_images"]
     texts = corpus(root)
     assert texts and not any("<image>" in t for t in texts)
     joined = " ".join(texts)
@@ -278,7 +281,7 @@ def test_eval_answers_match_pixels(dataset):
         for r, _ in read_records(root / f"eval_{task}.jsonl"):
             _check_item(root, r["image"], r["qtype"], r["question"], r["answer"], stats)
     assert stats["qtypes"] == {"count", "colour", "shape", "exists", "left_of", "size", "caption", "box"}
-    assert stats["yes"] == stats["no"] == 40  # one of each per image
+    assert stats["yes"] == stats["no"] == GEN_ARGS["n_eval_images"]  # one of each per image
     print({k: round(v, 3) for k, v in stats.items() if k.startswith("min_iou")})
 
 
@@ -290,6 +293,36 @@ def test_train_answers_match_pixels(dataset):
         question = r["conversations"][0]["value"].removeprefix("<image>\n")
         _check_item(root, r["image"], qtype, question, r["conversations"][1]["value"], stats)
     assert len(stats["qtypes"]) == 8
+
+
+def test_pixel_checker_catches_wrong_answers(dataset):
+    """The checker itself: a wrong answer of each kind is rejected."""
+    root, _ = dataset
+    rows = [r for task in ("vqa", "caption", "grounding") for r, _ in read_records(root / f"eval_{task}.jsonl")]
+    wrong = {
+        "count": lambda a: str(int(a) + 1),
+        "exists": lambda a: "no" if a == "yes" else "yes",
+        "size": lambda a: "small" if a == "large" else "large",
+        "colour": lambda a: "purple" if a != "purple" else "red",
+        "shape": lambda a: "square" if a != "square" else "circle",
+        "caption": lambda a: " and ".join(reversed(a.split(" and "))) if " and " in a else a.replace("a ", "a very ", 1),
+        "box": lambda a: format_box([v + 0.03 for v in parse_boxes(a)[0]]),
+    }
+    checked = set()
+    for r in rows:
+        if r["qtype"] in wrong and r["qtype"] not in checked:
+            bad = wrong[r["qtype"]](r["answer"])
+            if bad == r["answer"]:
+                continue
+            with pytest.raises(AssertionError):
+                _check_item(root, r["image"], r["qtype"], r["question"], bad, {})
+            checked.add(r["qtype"])
+    left = [r for r in rows if r["qtype"] == "left_of"][0]
+    c1, k1, c2, k2 = _Q["left_of"].fullmatch(left["question"]).groups()
+    other = f"{c2} {k2}" if left["answer"] == f"{c1} {k1}" else f"{c1} {k1}"
+    with pytest.raises(AssertionError):
+        _check_item(root, left["image"], "left_of", left["question"], other, {})
+    assert checked == set(wrong)
 
 
 def test_text_tasks(dataset):
@@ -326,9 +359,13 @@ def test_text_tasks(dataset):
         if it["qtype"] == "fact":
             name = re.search(r"(?:does|is) (\w+?)(?:'s)? ", it["question"])[1]
             p = people[name]
-            assert it["answer"] in (p["city"], p["pet"], p["colour"])
-            # the fact itself was stated in training
-            assert any(name in s and it["answer"] in s for s in statements)
+            stated = {
+                p["city"]: f"{name} lives in {p['city']}.",
+                p["pet"]: f"{name} has a pet {p['pet']}.",
+                p["colour"]: f"{name}'s favourite colour is {p['colour']}.",
+            }
+            assert it["answer"] in stated
+            assert stated[it["answer"]] in statements  # the fact itself was stated in training
         elif it["qtype"] == "word":
             m = re.fullmatch(r"Spell '(\w+)' backwards\.", it["question"])
             if m:
