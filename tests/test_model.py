@@ -296,3 +296,20 @@ def test_model_dir_with_bases_inside_can_move(tmp_path, images):
     inputs = model.prepare_inputs("<image> hi", [images[0]], task="mm")
     with torch.no_grad():
         assert torch.equal(moved(**inputs, task="mm").logits, model(**inputs, task="mm").logits)
+
+
+def test_image_free_requests_fall_back_to_the_base(bases, images):
+    model = _build(bases)
+    _perturb(model, "g")
+    kw = dict(max_new_tokens=6, eos_token_id=[])
+    text = model.generate(prompt="what is 3 plus 4", task="text", **kw)
+    # inner_adaptor with text_fallback (the default for frozen-LLM workflows): exactly the base
+    assert torch.equal(model.generate(prompt="what is 3 plus 4", task="g", **kw), text)
+    assert model.chat([{"role": "user", "content": "hi"}], task="g", max_new_tokens=4) == model.chat(
+        [{"role": "user", "content": "hi"}], task="text", max_new_tokens=4)
+    # switched off, the adapted path answers (and differs, its weights being perturbed)
+    model.workflows["g"].cfg.text_fallback = False
+    assert not torch.equal(model.generate(prompt="what is 3 plus 4", task="g", **kw), text)
+    # the LLaVA full fine-tune baseline has no fallback by default: one model for everything
+    full = _build(bases, full={"family": "prefix", "llm_train": "full"})
+    assert full.workflows["full"].cfg.text_fallback is False

@@ -4,6 +4,7 @@
     frozenvl chat MODEL_DIR [--task NAME] [--image PATH ...] [--prompt TEXT] ...
     frozenvl import llava-hf SRC OUT [--workflow mm]
     frozenvl train CONFIG.yaml [--resume]
+    frozenvl demo [--quick] [--no-chat] [--out DIR]
     frozenvl --version
 
 Mistakes a user can make (a missing or wrong model directory, a bad config, an unknown task, an
@@ -326,6 +327,20 @@ def _interactive(model, out: Console, task: str, base: list[dict[str, Any]], pen
         messages += [user, {"role": "assistant", "content": answer}]
         conv_images += pending
         pending = []
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Where data, bases, runs and the report go.")] = Path("demo_out"),
+    quick: Annotated[bool, typer.Option("--quick", help="A fast smoke run (smaller data, fewer steps).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of data, bases and training.")] = 0,
+    no_chat: Annotated[bool, typer.Option("--no-chat", help="Do not open the chat at the end.")] = False,
+) -> None:
+    """ShapesWorld: train every family on one frozen base, evaluate, and check frozen vs fine-tuned."""
+    from frozenvl.shapesworld.demo import run_demo
+
+    _quiet_transformers()
+    run_demo(str(out), quick=quick, seed=seed, chat=False if no_chat else None)
 
 
 @app.command()

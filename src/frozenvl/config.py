@@ -44,6 +44,9 @@ class WorkflowConfig:
     llm_train: str = "frozen"  # "frozen" | "full" (LLaVA fine-tuned baseline) | "lora"
     lora_rank: int = 8
     lora_alpha: int = 16
+    # A generate/chat request without any image runs the untouched base (the `text` workflow), so a
+    # frozen-LLM workflow never changes text-only answers. None: on when llm_train is "frozen".
+    text_fallback: bool | None = None
 
     def validate(self) -> None:
         if self.image_mode not in IMAGE_MODES:
@@ -51,6 +54,9 @@ class WorkflowConfig:
         if self.llm_train not in LLM_TRAIN_MODES:
             raise ConfigError(f"llm_train {self.llm_train!r} is not one of {list(LLM_TRAIN_MODES)}")
         from .vision.connectors import check_connector_name
+
+        if self.text_fallback is None:
+            self.text_fallback = self.llm_train == "frozen"
 
         check_connector_name(self.connector)
 

@@ -336,7 +336,30 @@ class FrozenVLModel(nn.Module):
             pixel_values = self.pixel_values(images, task)
         if input_ids is None:
             raise ValueError("give input_ids or prompt")
-        return generate(self, input_ids, attention_mask, pixel_values, task, GenerationConfig.make(self, **gen_kwargs))
+        cfg = GenerationConfig.make(self, **gen_kwargs)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        has_image = (input_ids == IMAGE_TOKEN_ID).any(-1)
+        if task != TEXT_TASK and self.workflow(task).cfg.text_fallback and 0 < int(has_image.sum()) < len(has_image):
+            # A batch mixing image and image-free rows: each group runs its own workflow, so every
+            # row gets exactly what it would get alone.
+            out = torch.full((len(has_image), cfg.max_new_tokens), cfg.pad_token_id, dtype=torch.long)
+            width = 0
+            for rows, t, pv in ((has_image, task, pixel_values), (~has_image, TEXT_TASK, None)):
+                part = generate(self, input_ids[rows], attention_mask[rows], pv, t, cfg).cpu()
+                out[rows.cpu(), : part.shape[1]] = part
+                width = max(width, part.shape[1])
+            return out[:, :width].to(input_ids.device)
+        task = self.route(task, input_ids, pixel_values)
+        return generate(self, input_ids, attention_mask, pixel_values, task, cfg)
+
+    def route(self, task: str, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> str:
+        """The workflow that answers a request: `text` for an image-free request to a workflow with
+        `text_fallback` (the default for frozen-LLM workflows), else `task` itself."""
+        self._check_task(task)
+        if task == TEXT_TASK or pixel_values is not None or (input_ids == IMAGE_TOKEN_ID).any():
+            return task
+        return TEXT_TASK if self.workflow(task).cfg.text_fallback else task
 
     def stream(self, prompt: str, images: Any = None, task: str = TEXT_TASK, **gen_kwargs: Any) -> Iterator[str]:
         """Yield the generated text piece by piece."""
@@ -344,6 +367,7 @@ class FrozenVLModel(nn.Module):
 
         inputs = self.prepare_inputs(prompt, images, task)
         cfg = GenerationConfig.make(self, **gen_kwargs)
+        task = self.route(task, inputs["input_ids"], inputs["pixel_values"])
         return stream_text(self, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], task, cfg)
 
     def chat(
@@ -361,6 +385,7 @@ class FrozenVLModel(nn.Module):
 
         inputs = self.prepare_inputs(text, images, task, add_special_tokens=False)
         cfg = GenerationConfig.make(self, **gen_kwargs)
+        task = self.route(task, inputs["input_ids"], inputs["pixel_values"])
         pieces = stream_text(self, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], task, cfg)
         return pieces if stream else "".join(pieces)
 
