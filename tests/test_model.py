@@ -313,3 +313,28 @@ def test_image_free_requests_fall_back_to_the_base(bases, images):
     # the LLaVA full fine-tune baseline has no fallback by default: one model for everything
     full = _build(bases, full={"family": "prefix", "llm_train": "full"})
     assert full.workflows["full"].cfg.text_fallback is False
+
+
+@pytest.mark.parametrize("arch", LLM_ARCHS)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_written_out_decoder_block_is_bit_identical(bases, arch, attn):
+    """families/base.decoder_block (where inside-attention/MLP families act) == the HF layer itself."""
+    from frozenvl.families.base import DecodeContext, decoder_block
+
+    llm_dir, vis = bases(arch)
+    model = frozenvl.build(llm_dir, vis, workflows={"mm": FAMILY_WORKFLOWS["prefix"]}, attn_implementation=attn)
+    fam = model.workflows["mm"]
+    inputs = model.prepare_inputs(["a red circle is here", "hi"], task="text")
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    from frozenvl.data.prompt import position_ids_from_mask
+
+    with torch.no_grad():
+        h0 = fam.embed(ids, None)
+        outs = []
+        for written_out in (False, True):
+            ctx = DecodeContext(attention_mask=mask, position_ids=position_ids_from_mask(mask), cache=fam.new_cache())
+            if written_out:
+                fam.run_layer = lambda i, h, c: decoder_block(fam.lm.layers[i], h, c, fam.lm.layer_types[i])
+            outs.append(fam.decode(h0.clone(), ctx))
+        del fam.run_layer
+    assert torch.equal(outs[0], outs[1])

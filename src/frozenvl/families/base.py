@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -222,6 +222,66 @@ def call_layer(layer: nn.Module, h: torch.Tensor, ctx: DecodeContext, attn_type:
         use_cache=ctx.use_cache,
     )
     return out[0] if isinstance(out, tuple) else out
+
+
+def self_attention(
+    attn: nn.Module, x: torch.Tensor, ctx: DecodeContext, attn_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A HF Llama-style attention module's forward, up to (not including) `o_proj`.
+
+    Returns (attention output [B, T, heads * head_dim], rotated query states [B, heads, T, head_dim])
+    so that a family can add its own term in head space before `o_proj` (adaption prompts, bind,
+    learners). Same ops in the same order as transformers' own forward: the result is bit-identical.
+    """
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    input_shape = x.shape[:-1]
+    hidden_shape = (*input_shape, -1, attn.head_dim)
+    q = attn.q_proj(x).view(hidden_shape)
+    k = attn.k_proj(x).view(hidden_shape)
+    if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms before rotary
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    v = attn.v_proj(x).view(hidden_shape).transpose(1, 2)
+    cos, sin = ctx.position_embeddings
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    if ctx.cache is not None:
+        k, v = ctx.cache.update(k, v, attn.layer_idx)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+    kwargs = {"sliding_window": attn.sliding_window} if getattr(attn, "sliding_window", None) is not None else {}
+    out, _ = interface(
+        attn, q, k, v, ctx.masks[attn_type],
+        dropout=0.0 if not attn.training else attn.attention_dropout, scaling=attn.scaling, **kwargs,
+    )
+    return out.reshape(*input_shape, -1).contiguous(), q
+
+
+def decoder_block(
+    layer: nn.Module,
+    h: torch.Tensor,
+    ctx: DecodeContext,
+    attn_type: str,
+    *,
+    attn_extra: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    mlp: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """A Llama-style decoder block written out, with the two places families act inside it.
+
+    `attn_extra(x_normed, attn_out, query_states)` returns the attention output to feed `o_proj`
+    (in head space, e.g. `attn_out + gate * prompt_attention`); `mlp(x_normed)` replaces the MLP.
+    With neither, the result is bit-identical to calling `layer` itself.
+    """
+    attn = layer.self_attn
+    residual = h
+    x = layer.input_layernorm(h)
+    attn_out, q = self_attention(attn, x, ctx, attn_type)
+    if attn_extra is not None:
+        attn_out = attn_extra(x, attn_out, q)
+    h = residual + attn.o_proj(attn_out)
+    residual = h
+    x = layer.post_attention_layernorm(h)
+    return residual + (mlp(x) if mlp is not None else layer.mlp(x))
 
 
 def _lora_copy(llm: PreTrainedModel, cfg: WorkflowConfig) -> nn.Module:
