@@ -241,9 +241,10 @@ def test_siglip_vision_and_no_cls(bases, images):
 # --------------------------------------------------------------------------- configs and errors
 def test_insertion_rule_scales_iaa14():
     assert default_insertion_layers(32) == list(IAA14_LAYERS_32)
-    # each released index i maps to floor(i * 16 / 32); duplicates merge
-    assert default_insertion_layers(16) == [0, 2, 3, 5, 7, 8, 10, 12, 13, 15]
-    assert default_insertion_layers(4) == [0, 1, 2, 3]
+    # pairs evenly spaced from the first to the last layer, keeping ~7 pairs per 32 layers
+    assert default_insertion_layers(16) == [0, 1, 5, 6, 9, 10, 14, 15]
+    assert default_insertion_layers(8) == [0, 1, 6, 7]
+    assert default_insertion_layers(4) == [0, 1]
 
 
 def test_config_errors_list_what_exists(bases):

@@ -205,9 +205,33 @@ def test_gradient_checkpointing_gives_the_same_training(bases, data, tmp_path):
         runs[gc] = _final_weights(tmp_path / f"gc{gc}")
     for k in runs[False]:
         torch.testing.assert_close(runs[True][k], runs[False][k], atol=1e-6, rtol=1e-5)
-    # and it was really on: the inserted layers (and the frozen ones) recompute in backward
+    # and it was really on: every decoder layer (frozen ones too) runs under torch.utils.checkpoint
+    from unittest import mock
+
     from frozenvl.train.trainer import Trainer
 
     trainer = Trainer(TrainConfig.from_dict(_config(llm, vis, data, tmp_path / "x", gradient_checkpointing=True)),
                       show_progress=False)
-    assert all(layer.gradient_checkpointing for layer in trainer.family.adaptors.values())
+    assert trainer.family.gradient_checkpointing
+    real = torch.utils.checkpoint.checkpoint
+    with mock.patch("torch.utils.checkpoint.checkpoint", side_effect=real) as spy:
+        trainer.model.train()
+        batch = trainer._load_micro(list(range(4)), trainer.cfg.stages[0])
+        trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      pixel_values=batch["pixel_values"], task="mm").logits.sum().backward()
+    assert spy.call_count == trainer.model.llm.config.num_hidden_layers
+
+
+def test_reused_output_dir_and_tiny_dataset_are_clear_errors(bases, data, tmp_path):
+    llm, vis = bases()
+    cfg = _config(llm, vis, data, tmp_path / "run")
+    cfg["stages"] = cfg["stages"][:1]
+    train(cfg, show_progress=False)
+    with pytest.raises(ConfigError, match="holds checkpoints of an earlier run"):
+        train(cfg, show_progress=False)
+    cfg = _config(llm, vis, data, tmp_path / "big")
+    cfg["stages"] = [{"name": "s", "train": ["connector"], "steps": 1, "batch_size": 4}]
+    small = write_llava_data(tmp_path / "small", n=3)
+    cfg["data"]["train"] = small
+    res = train(cfg, show_progress=False)  # one process: a partial micro-batch is fine
+    assert res.steps == 1

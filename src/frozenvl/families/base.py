@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -92,6 +93,7 @@ class Family(nn.Module):
     config_class: ClassVar[type[WorkflowConfig]] = WorkflowConfig
     uses_images: ClassVar[bool] = True
 
+    gradient_checkpointing: bool = False  # recompute each layer in backward (frozen base layers included)
     layers_before: frozenset[int] = frozenset()
     layers_after: frozenset[int] = frozenset()
     layers_replaced: frozenset[int] = frozenset()
@@ -202,13 +204,23 @@ class Family(nn.Module):
         if "sliding_attention" in needed:
             ctx.masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_args)
         ctx.position_embeddings = self.lm.rotary_emb(h, ctx.position_ids)
+        # Checkpoint here rather than in HF's layers: those skip it in eval mode, where the frozen
+        # base layers stay, yet their activations are what gradients to earlier adapters flow through.
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for idx in range(self.lm.num_layers):
-            if idx in self.layers_before:
-                h = self.before_layer(idx, h, ctx)
-            h = self.run_layer(idx, h, ctx)
-            if idx in self.layers_after:
-                h = self.after_layer(idx, h, ctx)
+            if recompute:
+                h = torch.utils.checkpoint.checkpoint(self._layer_step, idx, h, ctx, use_reentrant=False)
+            else:
+                h = self._layer_step(idx, h, ctx)
         return self.final_norm(h)
+
+    def _layer_step(self, idx: int, h: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        if idx in self.layers_before:
+            h = self.before_layer(idx, h, ctx)
+        h = self.run_layer(idx, h, ctx)
+        if idx in self.layers_after:
+            h = self.after_layer(idx, h, ctx)
+        return h
 
 
 def call_layer(layer: nn.Module, h: torch.Tensor, ctx: DecodeContext, attn_type: str) -> torch.Tensor:

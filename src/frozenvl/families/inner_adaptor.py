@@ -23,12 +23,13 @@ INIT_MODES = ("copy", "random")
 
 
 def default_insertion_layers(num_layers: int) -> list[int]:
-    """The IAA-14 pattern scaled to `num_layers`: each released index mapped proportionally, deduplicated."""
-    if num_layers >= 32:
-        scaled = [round(i * (num_layers - 1) / 31) for i in IAA14_LAYERS_32]
-    else:
-        scaled = [min(num_layers - 1, int(i * num_layers / 32)) for i in IAA14_LAYERS_32]
-    return sorted(set(scaled))
+    """The IAA-14 pattern scaled to `num_layers`: pairs of adjacent layers, evenly spaced from the
+    first to the last layer, as many pairs as keep the released density (7 pairs in 32 layers)."""
+    if num_layers <= 2:
+        return list(range(num_layers))
+    pairs = max(1, round(7 * num_layers / 32))
+    starts = [0] if pairs == 1 else [round(j * (num_layers - 2) / (pairs - 1)) for j in range(pairs)]
+    return sorted({i for s in starts for i in (s, s + 1)})
 
 
 @dataclass

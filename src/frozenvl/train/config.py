@@ -43,7 +43,6 @@ class DataConfig:
     truncation: str = "skip"  # an over-long sample: drop it ("skip") or cut it ("truncate")
     on_bad_sample: str = "skip"  # missing/broken image, bad format: "skip" and count, or "error"
     group_by: str = "none"
-    num_workers: int = 0
 
     def validate(self) -> None:
         _choice(self.truncation, TRUNCATION, "data.truncation")
@@ -123,6 +122,11 @@ class TrainConfig:
             raise ConfigError("the config has no stages: give at least one under 'stages'")
         if not isinstance(self.workflow, dict) or ("family" not in self.workflow and not self.init_from):
             raise ConfigError("'workflow' must be a dict with a 'family' (or give init_from)")
+        if self.init_from and set(self.workflow) - {"name"}:
+            raise ConfigError(
+                f"with init_from the workflow's config comes from {self.init_from}: give only its 'name', "
+                f"not {sorted(set(self.workflow) - {'name'})}"
+            )
         self.data.validate()
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
@@ -153,10 +157,15 @@ class TrainConfig:
                 raise ConfigError(f"{path}: not valid YAML: {e}") from e
         base = os.path.dirname(os.path.abspath(path))
         cfg = cls.from_dict(data)
-        # Relative data paths are relative to the config file.
+        # Relative data paths are relative to the config file; so are model paths that exist there
+        # (anything else may be a hub id). output_dir stays relative to the working directory.
         if not os.path.isabs(cfg.data.train):
             cfg.data.train = os.path.join(base, cfg.data.train)
         if cfg.data.image_root and not os.path.isabs(cfg.data.image_root):
             cfg.data.image_root = os.path.join(base, cfg.data.image_root)
+        for key in ("llm", "vision", "init_from"):
+            value = getattr(cfg, key)
+            if value and not os.path.isabs(value) and os.path.exists(os.path.join(base, value)):
+                setattr(cfg, key, os.path.join(base, value))
         return cfg
 

@@ -12,7 +12,6 @@ Design points:
 from __future__ import annotations
 
 import fnmatch
-import functools
 import hashlib
 import json
 import math
@@ -25,7 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -70,13 +69,16 @@ def base_checksum(model: FrozenVLModel) -> str:
 def select_parameters(family: nn.Module, selectors: list[str]) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """Resolve a stage's `train` list: family part names, or fnmatch patterns over parameter names."""
     parts = family.parts()
-    by_id = {id(p): n for n, p in family.named_parameters()}
+    owned = {id(p) for ps in parts.values() for p in ps}
+    # Only the workflow's own parameters can be selected (a LoRA copy also reaches shared base tensors).
+    named = [(n, p) for n, p in family.named_parameters() if id(p) in owned]
+    by_id = {id(p): n for n, p in named}
     chosen: dict[str, list[tuple[str, nn.Parameter]]] = {}
     for sel in selectors:
         if sel in parts:
             chosen[sel] = [(by_id[id(p)], p) for p in parts[sel]]
         else:
-            hits = [(n, p) for n, p in family.named_parameters() if fnmatch.fnmatch(n, sel)]
+            hits = [(n, p) for n, p in named if fnmatch.fnmatch(n, sel)]
             if not hits:
                 raise ConfigError(
                     f"train entry {sel!r} is neither a part of this family ({sorted(parts)}) nor a pattern "
@@ -94,14 +96,10 @@ def _lr_for(selector: str, lr: float | dict[str, float], stage: str) -> float:
     return float(lr)
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-    for m in model.modules():
-        if isinstance(m, GradientCheckpointingLayer):
-            m.gradient_checkpointing = True
-            m._gradient_checkpointing_func = fn
+def enable_gradient_checkpointing(model: FrozenVLModel) -> None:
+    """Recompute every decoder layer (frozen and inserted) in backward, for every workflow."""
+    for family in model.workflows.values():
+        family.gradient_checkpointing = True
 
 
 class Trainer:
@@ -121,7 +119,11 @@ class Trainer:
             precision = "bf16" if torch.cuda.is_available() else "fp32"
         # accelerate only sets up multi-process CPU runs (gloo) when told it is on CPU.
         multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-        self.accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=multi_cpu)
+        # Parameters may go unused in a step (the connector on a text-only micro-batch).
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+        self.accelerator = Accelerator(
+            mixed_precision="no" if precision == "fp32" else precision, cpu=multi_cpu, kwargs_handlers=[ddp]
+        )
         self.show_progress = show_progress and self.accelerator.is_main_process
         set_seed(cfg.seed)
         self.task = cfg.workflow_name
@@ -136,6 +138,11 @@ class Trainer:
         self.family = model.workflow(self.task)
         if precision != "fp32":
             self.family.float()  # trainable weights in fp32; autocast does the low-precision math
+        elif model.llm.dtype in (torch.float16, torch.bfloat16):
+            raise ConfigError(
+                f"the base is loaded in {model.llm.dtype} but precision is fp32: use precision bf16/fp16 "
+                "(autocast, fp32 trainable weights) or load the base in float32"
+            )
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         self.dataset = self._dataset()
@@ -174,6 +181,11 @@ class Trainer:
         world = self.accelerator.num_processes
         if world > 1 and batches and len(batches[-1]) < global_micro:
             batches = batches[:-1]  # every process needs a share of every micro-batch
+        if not batches:
+            raise ConfigError(
+                f"{len(self.dataset)} usable samples do not fill one global micro-batch of {global_micro} "
+                f"({world} processes x batch_size): lower batch_size or use fewer processes"
+            )
         return batches
 
     def _steps_per_epoch(self, stage: StageConfig) -> int:
@@ -202,7 +214,10 @@ class Trainer:
                 p.requires_grad_(True)
             if params:
                 groups.append({"params": params, "lr": _lr_for(sel, stage.lr, stage.name), "name": sel})
-        optimizer = torch.optim.AdamW(groups, weight_decay=stage.weight_decay)
+        # Prepared, so that fp16 loss scaling (unscale before clipping, skip on overflow) works.
+        optimizer = self.accelerator.prepare_optimizer(
+            torch.optim.AdamW(groups, weight_decay=stage.weight_decay), device_placement=False
+        )
         per_epoch = self._steps_per_epoch(stage)
         total = stage.steps if stage.steps is not None else max(1, math.ceil(stage.epochs * per_epoch))
         scheduler = get_scheduler(
@@ -284,6 +299,11 @@ class Trainer:
         checksum_before = base_checksum(self.model)
         position = ckpt.Position()
         restored = None
+        if not resume and ckpt.list_checkpoints(cfg.output_dir):
+            raise ConfigError(
+                f"{cfg.output_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
+                "or choose another output_dir"
+            )
         if resume:
             found = ckpt.list_checkpoints(cfg.output_dir)
             if found:
@@ -297,6 +317,8 @@ class Trainer:
             elif acc.is_main_process:
                 print(f"--resume: no checkpoint under {ckpt.checkpoint_root(cfg.output_dir)}; starting fresh")
         metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        if acc.is_main_process:
+            _truncate_metrics(metrics_path, position.global_step)  # rows after the checkpoint are redone
         metrics = open(metrics_path, "a", encoding="utf-8") if acc.is_main_process else None
         tb = self._tensorboard()
         start = time.time()
@@ -369,7 +391,7 @@ class Trainer:
         result.steps = position.global_step
         result.tokens = position.tokens
         result.seconds = time.time() - start
-        result.skipped = {k: int(v) for k, v in self.dataset.stats.skipped.items()}
+        result.skipped = self._skipped_everywhere()
         result.final_loss = last_loss
         result.base_unchanged = base_checksum(self.model) == checksum_before
         if acc.is_main_process:
@@ -380,6 +402,23 @@ class Trainer:
         if not result.base_unchanged:
             raise RuntimeError("the frozen base weights changed during training: this is a frozenvl bug")
         return result
+
+    def _skipped_everywhere(self) -> dict[str, int]:
+        """Skip counts summed over processes (broken images are found by whichever process loads them)."""
+        from accelerate.utils import gather_object
+
+        mine = {k: int(v) for k, v in self.dataset.stats.skipped.items()}
+        if self.accelerator.num_processes == 1:
+            return mine
+        total: dict[str, int] = {}
+        # Found up front (missing images, overlong samples...) every process counts alike: take one;
+        # found while loading (broken images) each counts its own: add them up.
+        for k, v in gather_object([mine])[0].items():
+            total[k] = v
+        per_process = gather_object([mine.get("bad_image", 0)])
+        if any(per_process):
+            total["bad_image"] = sum(per_process)
+        return total
 
     def _tensorboard(self):
         if not (self.cfg.tensorboard and self.accelerator.is_main_process):
@@ -401,3 +440,11 @@ def train(config: TrainConfig | dict | str, resume: bool = False, model: FrozenV
         config = TrainConfig.from_dict(config)
     return Trainer(config, model=model, show_progress=show_progress, callbacks=callbacks).train(resume=resume)
 
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(rows)
