@@ -392,5 +392,23 @@ def import_llava_hf(
     _out().print(f"wrote frozenvl model (workflow [bold]{workflow}[/bold]) to {written}", soft_wrap=True)
 
 
+@import_app.command("peft-adaption-prompt")
+def import_peft_adaption_prompt(
+    adapter: Annotated[str, typer.Argument(help="A PEFT adaption-prompt adapter directory.", show_default=False)],
+    base: Annotated[str, typer.Argument(help="The base LLM it was trained on (dir or hub id).", show_default=False)],
+    out: Annotated[Path, typer.Argument(help="Where to write the frozenvl model directory.", show_default=False)],
+    workflow: Annotated[str, typer.Option(help="Name of the workflow the adapter becomes.")] = "mm",
+    vision: Annotated[Optional[str], typer.Option(help="A vision encoder to add (visual prompts start at zero).")] = None,
+) -> None:
+    """Import a PEFT AdaptionPrompt (LLaMA-Adapter) adapter as an adaption_prompt workflow."""
+    fn = _importer("frozenvl.importers.peft_adaption_prompt", "import_peft_adaption_prompt")
+    _quiet_transformers()
+    try:
+        result = fn(adapter, base, out, workflow=workflow, vision=vision)
+    except USER_ERRORS as e:
+        _fail(f"cannot import {adapter}: {_one_line(e)}")
+    _out().print(f"wrote frozenvl model (workflow [bold]{workflow}[/bold]) to {result}", soft_wrap=True)
+
+
 if __name__ == "__main__":
     app()

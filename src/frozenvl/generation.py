@@ -82,6 +82,7 @@ def generate_steps(
     pixel_values: torch.Tensor | None,
     task: str,
     cfg: GenerationConfig,
+    image_rows: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, step by step ([B] each); stops when all rows finished."""
     device = model.device
@@ -101,7 +102,7 @@ def generate_steps(
         image_embeds = model._image_embeds(task, pixel_values.to(device))
     positions = position_ids_from_mask(mask)
     out = model(input_ids, mask, task=task, image_embeds=image_embeds, position_ids=positions,
-                use_cache=cfg.use_cache, logits_to_keep=1)
+                use_cache=cfg.use_cache, logits_to_keep=1, image_rows=image_rows)
     cache = out.past_key_values
     logits = out.logits[:, -1]
     full_ids = input_ids
@@ -124,7 +125,7 @@ def generate_steps(
             cache = out.past_key_values
         else:
             full_ids = torch.cat([full_ids, token[:, None]], dim=1)
-            out = model(full_ids, mask, task=task, image_embeds=image_embeds,
+            out = model(full_ids, mask, task=task, image_embeds=image_embeds, image_rows=image_rows,
                         position_ids=position_ids_from_mask(mask), logits_to_keep=1)
         logits = out.logits[:, -1]
 
@@ -138,12 +139,14 @@ def _hit_stop(tokenizer, generated: list[torch.Tensor], texts: list[str], stops:
     return torch.tensor(hits, device=generated[-1].device)
 
 
-def generate(model, input_ids, attention_mask, pixel_values, task, cfg: GenerationConfig) -> torch.Tensor:
-    steps = list(generate_steps(model, input_ids, attention_mask, pixel_values, task, cfg))
+def generate(model, input_ids, attention_mask, pixel_values, task, cfg: GenerationConfig,
+             image_rows: torch.Tensor | None = None) -> torch.Tensor:
+    steps = list(generate_steps(model, input_ids, attention_mask, pixel_values, task, cfg, image_rows))
     return torch.stack(steps, dim=1)
 
 
-def stream_text(model, input_ids, attention_mask, pixel_values, task, cfg: GenerationConfig) -> Iterator[str]:
+def stream_text(model, input_ids, attention_mask, pixel_values, task, cfg: GenerationConfig,
+                image_rows: torch.Tensor | None = None) -> Iterator[str]:
     """Text pieces of a single prompt as they are generated; eos and stop strings are not yielded."""
     if input_ids.shape[0] != 1:
         raise ValueError("streaming takes one prompt at a time")
@@ -151,7 +154,7 @@ def stream_text(model, input_ids, attention_mask, pixel_values, task, cfg: Gener
     eos = set(cfg.eos_token_id)
     ids: list[int] = []
     emitted = ""
-    for token in generate_steps(model, input_ids, attention_mask, pixel_values, task, cfg):
+    for token in generate_steps(model, input_ids, attention_mask, pixel_values, task, cfg, image_rows):
         t = int(token[0])
         if t in eos:
             break

@@ -209,8 +209,14 @@ class FrozenVLModel(nn.Module):
         use_cache: bool = False,
         logits_to_keep: int = 0,
         image_embeds: torch.Tensor | None = None,
+        image_rows: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """One forward pass of workflow `task`. `labels` (-100 = ignored) gives `.loss`."""
+        """One forward pass of workflow `task`. `labels` (-100 = ignored) gives `.loss`.
+
+        Images are given flat, sample after sample; `image_rows` ([n_images]) names each image's
+        batch row. It can be left out when the prompts hold vision-token slots (it is read off them)
+        or the batch has one row; families that keep images out of the sequence need it otherwise.
+        """
         self._check_task(task)
         input_ids = input_ids.to(self.device)
         if attention_mask is None:
@@ -253,12 +259,36 @@ class FrozenVLModel(nn.Module):
                 image_mask=input_ids == IMAGE_TOKEN_ID,
             )
             ctx.state["image_embeds"] = image_embeds
+            if image_embeds is not None:
+                ctx.state["image_rows"] = self._image_rows(input_ids, image_embeds.shape[0], task, image_rows)
             h = family.decode(h, ctx)
             if logits_to_keep:
                 h = h[:, -logits_to_keep:]
             logits = family.lm_head(h)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss, past_key_values=past_key_values if use_cache else None)
+
+    def _image_rows(
+        self, input_ids: torch.Tensor, n_images: int, task: str, given: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        if given is not None:
+            given = torch.as_tensor(given, device=input_ids.device, dtype=torch.long)
+            if given.shape != (n_images,) or (n_images and int(given.max()) >= input_ids.shape[0]):
+                raise ValueError(f"image_rows {given.tolist()} does not fit {n_images} images in {input_ids.shape[0]} rows")
+            return given
+        if input_ids.shape[0] == 1:
+            return torch.zeros(n_images, dtype=torch.long, device=input_ids.device)
+        n_tok = self.tokens_per_image(task)
+        if n_tok:
+            per_row = (input_ids == IMAGE_TOKEN_ID).sum(-1) // n_tok
+            if int(per_row.sum()) == n_images:
+                return torch.repeat_interleave(torch.arange(len(per_row), device=input_ids.device), per_row)
+            return None  # the splice reports the mismatch with its own message
+        raise ValueError(
+            f"workflow {task!r} keeps images out of the token sequence, so which of the {input_ids.shape[0]} rows "
+            f"each of the {n_images} images belongs to is unknown: pass image_rows (prepare_inputs and the "
+            "data collator return it), or images as one list per prompt"
+        )
 
     def new_cache(self, task: str) -> DynamicCache:
         if task == TEXT_TASK:
@@ -303,8 +333,10 @@ class FrozenVLModel(nn.Module):
         input_ids, attention_mask = left_pad(seqs, self.tokenizer.pad_token_id)
         flat = [img for imgs in per_sample for img in imgs]
         pixel_values = self.pixel_values(flat, task) if flat else None
+        image_rows = torch.tensor([row for row, imgs in enumerate(per_sample) for _ in imgs], dtype=torch.long)
         self._check_length(input_ids, attention_mask)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+                "image_rows": image_rows if flat else None}
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -320,6 +352,7 @@ class FrozenVLModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         task: str = TEXT_TASK,
         prompt: str | Sequence[str] | None = None,
+        image_rows: torch.Tensor | None = None,
         **gen_kwargs: Any,
     ) -> torch.Tensor:
         """Generate new tokens; returns [B, new_tokens] (rows finished early are padded)."""
@@ -327,31 +360,42 @@ class FrozenVLModel(nn.Module):
 
         if prompt is not None:
             inputs = self.prepare_inputs(prompt, images, task)
-            input_ids, attention_mask, pixel_values = (
-                inputs["input_ids"],
-                inputs["attention_mask"],
-                inputs["pixel_values"],
-            )
+            input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+            pixel_values, image_rows = inputs["pixel_values"], inputs["image_rows"]
         elif pixel_values is None:
+            if images is not None and input_ids is not None and image_rows is None:
+                per_sample = _per_sample_images(images, input_ids.shape[0]) if input_ids.shape[0] > 1 else None
+                if per_sample is not None:
+                    image_rows = torch.tensor([r for r, imgs in enumerate(per_sample) for _ in imgs], dtype=torch.long)
             pixel_values = self.pixel_values(images, task)
         if input_ids is None:
             raise ValueError("give input_ids or prompt")
         cfg = GenerationConfig.make(self, **gen_kwargs)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        has_image = (input_ids == IMAGE_TOKEN_ID).any(-1)
+        input_ids = input_ids.to(self.device)
+        attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(self.device)
+        if pixel_values is not None and task != TEXT_TASK:
+            image_rows = self._image_rows(input_ids, pixel_values.shape[0], task, image_rows)
+        n_per_row = (
+            torch.bincount(image_rows.cpu(), minlength=input_ids.shape[0])
+            if image_rows is not None
+            else torch.zeros(input_ids.shape[0], dtype=torch.long)
+        )
+        has_image = (n_per_row > 0).to(input_ids.device)
         if task != TEXT_TASK and self.workflow(task).cfg.text_fallback and 0 < int(has_image.sum()) < len(has_image):
             # A batch mixing image and image-free rows: each group runs its own workflow, so every
             # row gets exactly what it would get alone.
             out = torch.full((len(has_image), cfg.max_new_tokens), cfg.pad_token_id, dtype=torch.long)
+            new_index = torch.cumsum(has_image.long(), 0) - 1  # row -> its index among image rows
+            groups = ((has_image, task, pixel_values, new_index[image_rows.to(has_image.device)]),
+                      (~has_image, TEXT_TASK, None, None))
             width = 0
-            for rows, t, pv in ((has_image, task, pixel_values), (~has_image, TEXT_TASK, None)):
-                part = generate(self, input_ids[rows], attention_mask[rows], pv, t, cfg).cpu()
+            for rows, t, pv, rows_of_images in groups:
+                part = generate(self, input_ids[rows], attention_mask[rows], pv, t, cfg, image_rows=rows_of_images).cpu()
                 out[rows.cpu(), : part.shape[1]] = part
                 width = max(width, part.shape[1])
             return out[:, :width].to(input_ids.device)
         task = self.route(task, input_ids, pixel_values)
-        return generate(self, input_ids, attention_mask, pixel_values, task, cfg)
+        return generate(self, input_ids, attention_mask, pixel_values, task, cfg, image_rows=image_rows)
 
     def route(self, task: str, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> str:
         """The workflow that answers a request: `text` for an image-free request to a workflow with
@@ -368,7 +412,8 @@ class FrozenVLModel(nn.Module):
         inputs = self.prepare_inputs(prompt, images, task)
         cfg = GenerationConfig.make(self, **gen_kwargs)
         task = self.route(task, inputs["input_ids"], inputs["pixel_values"])
-        return stream_text(self, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], task, cfg)
+        return stream_text(self, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], task, cfg,
+                           image_rows=inputs["image_rows"])
 
     def chat(
         self,
@@ -386,7 +431,8 @@ class FrozenVLModel(nn.Module):
         inputs = self.prepare_inputs(text, images, task, add_special_tokens=False)
         cfg = GenerationConfig.make(self, **gen_kwargs)
         task = self.route(task, inputs["input_ids"], inputs["pixel_values"])
-        pieces = stream_text(self, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], task, cfg)
+        pieces = stream_text(self, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], task, cfg,
+                             image_rows=inputs["image_rows"])
         return pieces if stream else "".join(pieces)
 
     # ------------------------------------------------------------------ checkpoints

@@ -310,11 +310,14 @@ def collate(batch: Sequence[dict[str, Any] | None], pad_token_id: int) -> dict[s
         labels[row, :n] = torch.as_tensor(b["labels"], dtype=torch.long)
         attention_mask[row, :n] = 1
     pixels = [b["pixel_values"] for b in items if b.get("pixel_values") is not None]
+    # the batch row of each image (families that keep images out of the sequence need it)
+    rows = [row for row, b in enumerate(items) if b.get("pixel_values") is not None for _ in b["pixel_values"]]
     return {
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
         "pixel_values": torch.cat(pixels, dim=0) if pixels else None,
+        "image_rows": torch.tensor(rows, dtype=torch.long) if pixels else None,
     }
 
 

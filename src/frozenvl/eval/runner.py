@@ -363,6 +363,7 @@ def evaluate(
                         inputs["input_ids"],
                         inputs["attention_mask"],
                         pixel_values=inputs["pixel_values"],
+                        image_rows=inputs["image_rows"],
                         task=task,
                         max_new_tokens=max_new_tokens,
                     )

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from ..config import ConfigError
+from .adaption_prompt import AdaptionPromptFamily
 from .base import IMAGE_TOKEN_ID, DecodeContext, Family
+from .bind import BindFamily
 from .inner_adaptor import InnerAdaptorFamily
 from .prefix import PrefixFamily
 
 FAMILIES: dict[str, type[Family]] = {
     PrefixFamily.name: PrefixFamily,
     InnerAdaptorFamily.name: InnerAdaptorFamily,
+    AdaptionPromptFamily.name: AdaptionPromptFamily,
+    BindFamily.name: BindFamily,
 }
 
 

@@ -1,5 +1,6 @@
 """Importers: turn checkpoints of other multimodal formats into frozenvl model directories."""
 
 from .llava import import_llava_hf
+from .peft_adaption_prompt import import_peft_adaption_prompt
 
-__all__ = ["import_llava_hf"]
+__all__ = ["import_llava_hf", "import_peft_adaption_prompt"]

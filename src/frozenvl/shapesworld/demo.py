@@ -83,10 +83,14 @@ def recipes(scale: Scale) -> list[Run]:
             evals=["grounding"]),
     ]
     covered = {"prefix", "inner_adaptor"}
+    # Family options that must fit the tiny base; anything else takes the family's defaults.
+    fit = {"adaption_prompt": {"adapter_layers": scale.bases.llm_layers}}
     for family in sorted(FAMILIES):
         if family not in covered:  # families added later join with a generic recipe
-            runs.append(Run(family, family, {"family": family, "select_layer": VISION_LAYER}, "train_mixed.json",
-                            [align, stage("tune", ["*"], 1e-3, scale.tune_steps)]))
+            wf = {"family": family, "select_layer": VISION_LAYER, **fit.get(family, {})}
+            # one stage over all the family's parts (not every family has a separate connector)
+            steps = scale.align_steps + scale.tune_steps
+            runs.append(Run(family, family, wf, "train_mixed.json", [stage("tune", ["*"], 1e-3, steps)]))
     return runs
 
 

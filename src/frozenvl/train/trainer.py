@@ -256,6 +256,7 @@ class Trainer:
                         input_ids=batch["input_ids"].to(device),
                         attention_mask=batch["attention_mask"].to(device),
                         pixel_values=None if batch["pixel_values"] is None else batch["pixel_values"].to(device),
+                        image_rows=batch.get("image_rows"),
                         task=self.task,
                     )
                     logits = out.logits[:, :-1].float()

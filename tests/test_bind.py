@@ -1,0 +1,192 @@
+"""bind (ImageBind-LLM): identity at init, the gated visual vector, cached decoding, frozen base,
+checkpoints, and the visual cache's math."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import frozenvl
+from frozenvl.config import ConfigError
+from frozenvl.data.prompt import position_ids_from_mask
+from frozenvl.families.bind import blend_with_bank, build_feature_bank, load_feature_bank
+
+BIND = {"family": "bind"}
+
+
+def _perturb(model, task, seed=1, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.trainable_parameters(task):
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _batch(model, task, prompts, images):
+    inputs = model.prepare_inputs(prompts, images, task=task)
+    inputs["position_ids"] = position_ids_from_mask(inputs["attention_mask"])
+    return inputs
+
+
+def _text(inputs):
+    return {k: v for k, v in inputs.items() if k != "pixel_values"}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_init_is_the_base_bit_for_bit(bases, images, arch):
+    llm, vis = bases(arch)
+    model = frozenvl.build(llm, vis, workflows={"mm": BIND})
+    prompts = ["<image>\nwhat colour is it", "<image> a red square"]
+    with_images = _batch(model, "mm", prompts, [[images[0]], [images[1]]])
+    text_only = _batch(model, "mm", ["what colour is it", "a red square left of"], None)
+    with torch.no_grad():
+        for inputs in (with_images, text_only):
+            assert torch.equal(model(**inputs, task="mm").logits, model(**_text(inputs), task="text").logits)
+        _perturb(model, "mm")
+        assert not torch.equal(model(**with_images, task="mm").logits, model(**_text(with_images), task="text").logits)
+
+
+def test_added_term_matches_hand_computation(bases, images):
+    """Layer 0's attention output gets tanh(gate) * v_proj(bind vector + prompt) per head, at every token."""
+    llm, vis = bases()
+    model = frozenvl.build(llm, vis, workflows={"mm": {**BIND, "layers": [0], "gate_init": 0.7}})
+    family = model.workflow("mm")
+    inputs = _batch(model, "mm", "<image> what is", [images[0]])
+    attn = model.llm.model.layers[0].self_attn
+    captured = []
+    hook = attn.o_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+    try:
+        with torch.no_grad():
+            model(**inputs, task="mm")
+            model(**_text(inputs), task="text")
+    finally:
+        hook.remove()
+    ours, base = captured  # o_proj inputs of layer 0 (whose input is the same token embeddings)
+    heads = model.llm.config.num_attention_heads
+    with torch.no_grad():
+        vec = model._image_embeds("mm", inputs["pixel_values"])[:, 0]
+        v = attn.v_proj(vec + family.prompt["0"]).view(-1, attn.head_dim)  # [kv, d]
+        v = v[torch.arange(heads) // (heads // v.shape[0])]
+        expected = (torch.tanh(family.gate["0"])[:, None] * v).reshape(-1)
+    torch.testing.assert_close(ours - base, expected.expand_as(ours), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_cached_generation_equals_recomputation(bases, images, arch):
+    llm, vis = bases(arch)
+    model = frozenvl.build(llm, vis, workflows={"mm": BIND})
+    _perturb(model, "mm", scale=1.0)
+    for prompt, imgs in [("<image>\nwhat is this", [images[0]]), ("<image> and <image> differ how", images[:2])]:
+        cached = model.generate(prompt=prompt, images=imgs, task="mm", max_new_tokens=8, eos_token_id=[])
+        full = model.generate(prompt=prompt, images=imgs, task="mm", max_new_tokens=8, eos_token_id=[],
+                              use_cache=False)
+        assert torch.equal(cached, full)
+    inputs = _batch(model, "mm", "<image>\nwhat is this", [images[0]])
+    with torch.no_grad():
+        out = model(**inputs, task="mm", use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], 1)
+        step = model(nxt, mask, task="mm", past_key_values=out.past_key_values,
+                     position_ids=mask.sum(-1, keepdim=True) - 1, use_cache=True).logits[:, -1]
+        full_ids = torch.cat([inputs["input_ids"], nxt], 1)
+        full = model(full_ids, mask, pixel_values=inputs["pixel_values"], task="mm").logits[:, -1]
+        no_image = model(full_ids, mask, task="mm").logits[:, -1]
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
+    assert (full - no_image).abs().max() > 1e-4
+
+
+def test_gradients_reach_only_the_workflow(bases, images):
+    llm, vis = bases()
+    model = frozenvl.build(llm, vis, workflows={"mm": BIND, "other": BIND})
+    family = model.workflow("mm")
+    assert set(family.parts()) == {"bind", "prompt", "gate"}
+    assert sum(p.numel() for p in model.trainable_parameters("mm")) == sum(p.numel() for p in family.parameters())
+    _perturb(model, "mm")
+    model.train()
+    inputs = model.prepare_inputs(["<image>\na red circle"], [[images[0]]], task="mm")
+    model(**inputs, labels=inputs["input_ids"], task="mm").loss.backward()
+    assert all(p.grad is None for p in model.llm.parameters())
+    assert all(p.grad is None for p in model.vision.parameters())
+    assert all(p.grad is None for p in model.workflow("other").parameters())
+    for part, params in family.parts().items():
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), part
+
+
+def test_save_load_round_trip(bases, images, tmp_path):
+    llm, vis = bases()
+    model = frozenvl.build(llm, vis, workflows={"mm": {**BIND, "layers": [1, 3], "bind_blocks": 2}})
+    _perturb(model, "mm")
+    model.save_pretrained(tmp_path)
+    loaded = frozenvl.load(tmp_path)
+    inputs = model.prepare_inputs("<image> what is it", [images[1]], task="mm")
+    with torch.no_grad():
+        assert torch.equal(model(**inputs, task="mm").logits, loaded(**inputs, task="mm").logits)
+
+
+# --------------------------------------------------------------------------- the visual cache
+def test_blend_with_bank_by_hand():
+    query = torch.tensor([[1.0, 0.0, 0.0]])
+    bank = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 1.0]])
+    # top-2 neighbours: rows 0 (sim 1) and 2 (sim 0.6); weights softmax(20 * [1, 0.6])
+    w0 = 1.0 / (1.0 + math.exp(-8.0))
+    w2 = 1.0 - w0
+    retrieved = torch.tensor([w0 * 1.0 + w2 * 0.6, w2 * 0.8, 0.0])
+    blended = 0.5 * query[0] + 0.5 * retrieved
+    expected = blended / blended.norm()
+    got = blend_with_bank(query, bank, topk=2, temperature=20.0, ratio=0.5)
+    torch.testing.assert_close(got[0], expected, atol=1e-7, rtol=1e-6)
+    # the query normalised first, bank rows too; top-k larger than the bank uses the whole bank
+    got_all = blend_with_bank(3 * query, 2 * bank, topk=10, temperature=1.0, ratio=1.0)
+    sims = torch.tensor([1.0, 0.0, 0.6, 0.0])
+    w = torch.softmax(sims, 0)
+    r = (w[:, None] * bank).sum(0)
+    torch.testing.assert_close(got_all[0], r / r.norm(), atol=1e-7, rtol=1e-6)
+    # a bank holding only the query leaves it unchanged; ratio 0 too
+    torch.testing.assert_close(blend_with_bank(query, query, topk=3), query)
+    q2 = F.normalize(torch.randn(2, 3), dim=-1)
+    torch.testing.assert_close(blend_with_bank(q2, bank, ratio=0.0), q2)
+
+
+def test_feature_bank_and_visual_cache(bases, images, tmp_path):
+    llm, vis = bases()
+    model = frozenvl.build(llm, vis, workflows={"mm": BIND})
+    folder = tmp_path / "bank"
+    folder.mkdir()
+    for k, img in enumerate(images):
+        img.save(folder / f"{k}.png")
+    bank = build_feature_bank(model, "mm", folder, batch_size=2, out=tmp_path / "bank.safetensors")
+    assert bank.shape == (len(images), model.vision.hidden_size) and bank.dtype == torch.float32
+    torch.testing.assert_close(bank.norm(dim=-1), torch.ones(len(images)))
+    torch.testing.assert_close(build_feature_bank(model, "mm", images), bank)
+    assert torch.equal(load_feature_bank(tmp_path / "bank.safetensors"), bank)
+
+    # a workflow using that bank file: encode_images = bind(blend(global feature)) in eval mode only
+    model.add_workflow("cached", {**BIND, "visual_cache": True, "cache_bank": str(tmp_path / "bank.safetensors"),
+                                  "cache_topk": 2})
+    cached = model.workflow("cached")
+    cached.bind.load_state_dict(model.workflow("mm").bind.state_dict())
+    pixels = model.pixel_values([images[0]], "cached")
+    feats = model.vision(pixels, select_layer=-2)
+    with torch.no_grad():
+        g = cached.global_embedding(feats)
+        expected = cached.bind(blend_with_bank(g, bank, topk=2, temperature=20.0, ratio=0.5))
+        assert torch.equal(cached.encode_images(feats)[:, 0], expected)
+        assert not torch.equal(cached.encode_images(feats), model.workflow("mm").encode_images(feats))
+    cached.train()  # a training step (train mode, gradients on) never uses the cache
+    assert torch.equal(cached.encode_images(feats), model.workflow("mm").encode_images(feats))
+    with torch.no_grad():
+        assert torch.equal(cached.encode_images(feats)[:, 0], expected)  # generation: no gradients
+        cached.eval()
+        cached.set_feature_bank(None)
+        with pytest.raises(ValueError, match="no feature bank"):
+            cached.encode_images(feats)
+
+
+def test_config_errors(bases):
+    llm, vis = bases()
+    for extra, word in [({"layers": [0, 9]}, "layers"), ({"layers": "some"}, "layers"), ({"pool": "max"}, "pool"),
+                        ({"pool": "cls"}, "keep_cls"), ({"llm_train": "full"}, "frozen")]:
+        with pytest.raises(ConfigError, match=word):
+            frozenvl.build(llm, vis, workflows={"mm": {**BIND, **extra}})
