@@ -336,3 +336,13 @@ def test_config_errors(bases):
     text_only = frozenvl.build(llm, vis, workflows={"mm": {**V1, "visual": "none"}})
     with pytest.raises(ValueError, match="takes no images"):
         text_only(torch.tensor([[5, 6, 7]]), pixel_values=torch.zeros(1, 3, 8, 8), task="mm")
+
+
+def test_text_only_adapter_has_no_text_fallback(bases):
+    llm, vis = bases()
+    model = frozenvl.build(llm, vis, workflows={"txt": {"family": "adaption_prompt", "visual": "none", "adapter_layers": 2},
+                                                "mm": V1})
+    assert model.workflows["txt"].cfg.text_fallback is False  # it exists to change text answers
+    assert model.workflows["mm"].cfg.text_fallback is True  # image-free requests go to the base
+    ids = model.tokenizer("hello", return_tensors="pt").input_ids
+    assert model.route("txt", ids, None) == "txt" and model.route("mm", ids, None) == "text"

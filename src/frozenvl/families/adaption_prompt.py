@@ -163,6 +163,9 @@ class AdaptionPromptConfig(WorkflowConfig):
     bias_tuning: bool = False  # v2: zero-init bias + scale on the adapted layers' q/k/v/o projections
 
     def validate(self) -> None:
+        if self.text_fallback is None and self.visual == "none":
+            # a text-only adapter (e.g. imported from PEFT) exists to change text answers: no fallback
+            self.text_fallback = False
         super().validate()
         if self.gate not in GATE_MODES:
             raise ConfigError(f"adaption_prompt gate {self.gate!r} is not one of {list(GATE_MODES)}")
