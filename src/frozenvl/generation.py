@@ -106,7 +106,7 @@ def generate_steps(
     cache = out.past_key_values
     logits = out.logits[:, -1]
     full_ids = input_ids
-    for _ in range(cfg.max_new_tokens):
+    for step in range(cfg.max_new_tokens):
         token = _next_token(logits, cfg, gen)
         token = torch.where(finished, torch.full_like(token, cfg.pad_token_id), token)
         generated.append(token)
@@ -115,8 +115,8 @@ def generate_steps(
             finished |= torch.isin(token, eos)
         if cfg.stop:
             finished |= _hit_stop(model.tokenizer, generated, stop_texts, cfg.stop)
-        if bool(finished.all()):
-            return
+        if bool(finished.all()) or step == cfg.max_new_tokens - 1:
+            return  # no forward pass for a token nobody will read
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         if cfg.use_cache:
             pos = mask.long().sum(-1, keepdim=True) - 1
