@@ -59,6 +59,7 @@ warnings.filterwarnings("ignore")
 import frozenvl  # noqa: E402
 from frozenvl.importers.peft_adaption_prompt import import_peft_adaption_prompt  # noqa: E402
 from frozenvl.tiny import build_llm, build_tokenizer  # noqa: E402
+from _common import fmt_load, load_average, n_params  # noqa: E402  (benchmarks/ is on sys.path)
 
 PROMPT = "You are a helpful assistant that can see images. Describe the image in one sentence."
 WORKFLOW = "ap"
@@ -87,19 +88,10 @@ def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, float, torch.Tensor]:
     return time.perf_counter() - t0, time.process_time() - c0, out
 
 
-def n_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
-def load_average() -> tuple[float, float, float] | None:
-    try:
-        return os.getloadavg()
-    except (AttributeError, OSError):
-        return None
 
 
-def fmt_load(load: tuple[float, float, float] | None) -> str:
-    return "n/a" if load is None else "/".join(f"{x:.1f}" for x in load)
 
 
 def print_table(title: str, headers: list[str], rows: list[list[str]]) -> None:

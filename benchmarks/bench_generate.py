@@ -59,6 +59,7 @@ import frozenvl  # noqa: E402
 from frozenvl.data.prompt import left_pad  # noqa: E402
 from frozenvl.families.base import IMAGE_TOKEN_ID  # noqa: E402
 from frozenvl.tiny import build_tokenizer, build_vision  # noqa: E402
+from _common import fmt_load, load_average, n_params  # noqa: E402  (benchmarks/ is on sys.path)
 
 # Prompts of different lengths (batch 4 uses all four, batch 1 the first). For `mm`, each row is
 # "<chunk before the image>" + image slots + "<chunk after>", LLaVA-1.5 style.
@@ -155,8 +156,6 @@ def build_llava(root: Path, s: Sizes, seed: int = 0) -> Path:
     return src
 
 
-def n_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -279,15 +278,8 @@ def report(rows: list[Row], new_tokens: int, targets: dict[str, float]) -> None:
         print(f"  {r.case} b{r.batch}: transformers {hf} | frozenvl {fz}")
 
 
-def load_average() -> tuple[float, float, float] | None:
-    try:
-        return os.getloadavg()
-    except (AttributeError, OSError):
-        return None
 
 
-def fmt_load(load: tuple[float, float, float] | None) -> str:
-    return "n/a" if load is None else "/".join(f"{x:.1f}" for x in load)
 
 
 # ------------------------------------------------------------------------------------------ main

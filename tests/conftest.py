@@ -89,3 +89,25 @@ def write_llava_data(root, n: int = 12, with_text_only: bool = True, bad: dict |
     with open(out, "w") as f:
         json.dump(records, f)
     return out
+
+
+def assert_cache_matches_recompute(model, task: str, images, batch_fn) -> None:
+    """Cached generation == full recomputation (tokens), and a cached decode step's logits == the
+    whole sequence recomputed (tolerance), with images that really change the output."""
+    for prompt, imgs in [("<image>\nwhat is this", [images[0]]), ("<image> and <image> differ how", images[:2])]:
+        cached = model.generate(prompt=prompt, images=imgs, task=task, max_new_tokens=8, eos_token_id=[])
+        full = model.generate(prompt=prompt, images=imgs, task=task, max_new_tokens=8, eos_token_id=[],
+                              use_cache=False)
+        assert torch.equal(cached, full)
+    inputs = batch_fn(model, task, "<image>\nwhat is this", [images[0]])
+    with torch.no_grad():
+        out = model(**inputs, task=task, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], 1)
+        step = model(nxt, mask, task=task, past_key_values=out.past_key_values,
+                     position_ids=mask.sum(-1, keepdim=True) - 1, use_cache=True).logits[:, -1]
+        full_ids = torch.cat([inputs["input_ids"], nxt], 1)
+        full = model(full_ids, mask, pixel_values=inputs["pixel_values"], task=task).logits[:, -1]
+        no_image = model(full_ids, mask, task=task).logits[:, -1]
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
+    assert (full - no_image).abs().max() > 1e-4

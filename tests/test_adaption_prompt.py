@@ -16,6 +16,8 @@ from frozenvl.families.adaption_prompt import visual_prompt_per_row
 from frozenvl.importers.peft_adaption_prompt import import_peft_adaption_prompt
 from frozenvl.tiny import build_llm
 
+from .conftest import assert_cache_matches_recompute
+
 V1 = {"family": "adaption_prompt", "adapter_len": 4, "adapter_layers": 2, "visual": "v1"}
 V2 = {
     "family": "adaption_prompt", "adapter_len": 3, "adapter_layers": 3, "visual": "v2", "v2_queries": 3,
@@ -231,24 +233,7 @@ def test_cached_generation_equals_recomputation(bases, images, arch, kind):
     llm, vis = bases(arch)
     model = frozenvl.build(llm, vis, workflows={"mm": CONFIGS[kind]})
     _perturb(model, "mm", scale=1.0)
-    for prompt, imgs in [("<image>\nwhat is this", [images[0]]), ("<image> and <image> differ how", images[:2])]:
-        cached = model.generate(prompt=prompt, images=imgs, task="mm", max_new_tokens=8, eos_token_id=[])
-        full = model.generate(prompt=prompt, images=imgs, task="mm", max_new_tokens=8, eos_token_id=[],
-                              use_cache=False)
-        assert torch.equal(cached, full)
-    inputs = _batch(model, "mm", "<image>\nwhat is this", [images[0]])
-    with torch.no_grad():
-        # logits of a cached decode step agree with recomputing the whole sequence
-        out = model(**inputs, task="mm", use_cache=True)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        mask = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], 1)
-        step = model(nxt, mask, task="mm", past_key_values=out.past_key_values,
-                     position_ids=mask.sum(-1, keepdim=True) - 1, use_cache=True).logits[:, -1]
-        full_ids = torch.cat([inputs["input_ids"], nxt], 1)
-        full = model(full_ids, mask, pixel_values=inputs["pixel_values"], task="mm").logits[:, -1]
-        no_image = model(full_ids, mask, task="mm").logits[:, -1]
-    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
-    assert (full - no_image).abs().max() > 1e-4
+    assert_cache_matches_recompute(model, "mm", images, _batch)
 
 
 def test_batched_rows_with_one_image_each_equal_one_by_one(bases, images):
