@@ -127,6 +127,9 @@ def test_eos_and_stop_strings(bases):
     assert stopped == free[: free.index(free[2]) + 1]
     text = "".join(model.stream("hello", task="text", max_new_tokens=8, eos_token_id=[]))
     assert text == model.tokenizer.decode(free, skip_special_tokens=True)
+    # a stop string whose start ends the text but that never completes: the held-back tail is flushed
+    never = text[-1] + "\x00never"
+    assert "".join(model.stream("hello", task="text", max_new_tokens=8, eos_token_id=[], stop=[never])) == text
     if len(text) > 3:
         stop = text[2:4]
         cut = "".join(model.stream("hello", task="text", max_new_tokens=8, eos_token_id=[], stop=[stop]))

@@ -154,6 +154,7 @@ def stream_text(model, input_ids, attention_mask, pixel_values, task, cfg: Gener
     eos = set(cfg.eos_token_id)
     ids: list[int] = []
     emitted = ""
+    cut = None
     for token in generate_steps(model, input_ids, attention_mask, pixel_values, task, cfg, image_rows):
         t = int(token[0])
         if t in eos:
@@ -173,6 +174,11 @@ def stream_text(model, input_ids, attention_mask, pixel_values, task, cfg: Gener
             emitted = text
         if cut is not None:
             break
+    if cut is None:
+        # generation ended: flush what was held back (a possible stop-string prefix, a partial character)
+        text = tok.decode(ids, skip_special_tokens=True)
+        if len(text) > len(emitted):
+            yield text[len(emitted) :]
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:

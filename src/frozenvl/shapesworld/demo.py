@@ -303,7 +303,7 @@ def write_report(out: str, results: dict[str, Any]) -> None:
 
 def _chart(path: str, results: dict[str, Any]) -> None:
     """Grouped bars (VQA, grounding Acc@0.5, text acc) per workflow, drawn with Pillow."""
-    metrics = [("vqa_acc", (66, 133, 244)), ("grounding_acc50", (52, 168, 83)), ("text_acc", (234, 67, 53))]
+    metrics = [("vqa_acc", (66, 133, 244)), ("grounding_acc50", (52, 168, 83)), ("text_acc_seen", (234, 67, 53))]
     names = list(results["runs"])
     w, h, left, bottom = 120 * len(names) + 80, 320, 50, 60
     img = Image.new("RGB", (w, h), "white")
