@@ -111,3 +111,17 @@ def assert_cache_matches_recompute(model, task: str, images, batch_fn) -> None:
         no_image = model(full_ids, mask, task=task).logits[:, -1]
     torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
     assert (full - no_image).abs().max() > 1e-4
+
+
+def assert_gradients_only_in_workflow(model, task: str, other: str, images) -> None:
+    """One backward pass of `task`: no gradient on the base, the vision tower or workflow `other`,
+    and a non-zero gradient in every named part of `task`."""
+    family = model.workflow(task)
+    model.train()
+    inputs = model.prepare_inputs(["<image>\na red circle"], [[images[0]]], task=task)
+    model(**inputs, labels=inputs["input_ids"], task=task).loss.backward()
+    assert all(p.grad is None for p in model.llm.parameters())
+    assert all(p.grad is None for p in model.vision.parameters())
+    assert all(p.grad is None for p in model.workflow(other).parameters())
+    for part, params in family.parts().items():
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), part
