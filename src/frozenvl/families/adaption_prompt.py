@@ -358,7 +358,7 @@ class AdaptionPromptFamily(Family):
         residual = h
         x = layer.input_layernorm(h)
         attn_out, q = self_attention(view, x, ctx, self.lm.layer_types[idx])
-        adapter = self.prompt_attention(idx, view, q, ctx.state.get("visual"))
+        adapter = self.prompt_attention(idx, view, q, ctx.state.get("visual"), memo=self._kv_memo(ctx))
         if self.bias is not None:
             out = view.o_proj(attn_out) + view.project_weight_only("o", adapter)
         else:
@@ -369,13 +369,46 @@ class AdaptionPromptFamily(Family):
         residual = h
         return residual + layer.mlp(layer.post_attention_layernorm(h))
 
-    def prompt_attention(self, idx: int, attn: Any, q: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
+    def _kv_memo(self, ctx: DecodeContext) -> dict | None:
+        """Where the prompt keys/values of a generate call live between decode steps: they depend only
+        on the (fixed) prompts and visual prompt, so inference computes them once per call."""
+        if ctx.cache is None or torch.is_grad_enabled():
+            return None
+        state = getattr(ctx.cache, CACHE_STATE_ATTR, None)
+        if state is None:
+            state = {}
+            setattr(ctx.cache, CACHE_STATE_ATTR, state)
+        return state.setdefault(f"{self.name}.prompt_kv", {})
+
+    def prompt_attention(self, idx: int, attn: Any, q: torch.Tensor, visual: torch.Tensor | None,
+                         memo: dict | None = None) -> torch.Tensor:
         """gate * softmax(Q K_p^T / sqrt(d)) V_p in head space: [B, T, heads * head_dim].
 
         `q` is the layer's rotated query [B, heads, T, head_dim]; `visual` the per-row visual prompt
         [B, 1 or adapter_len, hidden] or None. Same ops in the same order as PEFT's AdaptedAttention.
+        `memo` (inference with a cache) keeps each layer's prompt keys/values for later steps.
         """
         bsz, heads, q_len, head_dim = q.shape
+        if memo is not None and idx in memo:
+            key, value = memo[idx]
+        else:
+            key, value = self._prompt_kv(idx, attn, visual, bsz, heads, head_dim)
+            if memo is not None:
+                memo[idx] = (key, value)
+        dtype = q.dtype
+        scores = torch.matmul(q, key.transpose(2, 3).to(dtype)) / math.sqrt(head_dim)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+        gate = self.gate[str(idx)]
+        if self.cfg.gate == "per_head":
+            gate = gate.view(1, heads, 1, 1)
+        elif self.cfg.gate == "per_head_tanh":
+            gate = torch.tanh(gate).view(1, heads, 1, 1)
+        probs = gate * probs
+        return torch.matmul(probs, value).transpose(1, 2).reshape(bsz, q_len, -1)
+
+    def _prompt_kv(self, idx: int, attn: Any, visual: torch.Tensor | None, bsz: int, heads: int,
+                   head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt's keys and values through the layer's frozen k/v projections: [B, heads, L, head_dim]."""
         prompt = self.prompt[str(idx)].unsqueeze(0)  # [1, L, hidden]
         if visual is not None:
             prompt = prompt + visual.to(prompt.dtype)  # [B, L, hidden]
@@ -391,13 +424,4 @@ class AdaptionPromptFamily(Family):
             key, value = key.repeat(bsz, 1, 1, 1), value.repeat(bsz, 1, 1, 1)
         key = repeat_kv_heads(key.transpose(1, 2), heads, dim=1)  # [B, heads, L, head_dim]
         value = repeat_kv_heads(value.transpose(1, 2), heads, dim=1)
-        dtype = q.dtype
-        scores = torch.matmul(q, key.transpose(2, 3).to(dtype)) / math.sqrt(head_dim)
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
-        gate = self.gate[str(idx)]
-        if self.cfg.gate == "per_head":
-            gate = gate.view(1, heads, 1, 1)
-        elif self.cfg.gate == "per_head_tanh":
-            gate = torch.tanh(gate).view(1, heads, 1, 1)
-        probs = gate * probs
-        return torch.matmul(probs, value).transpose(1, 2).reshape(bsz, q_len, -1)
+        return key, value
