@@ -274,3 +274,29 @@ def test_import_llava_hf_calls_the_importer(tmp_path, monkeypatch):
 
     help_result = run("import", "--help")
     assert help_result.exit_code == 0 and "llava-hf" in help_result.stdout
+
+
+# ---------------------------------------------------------------------------- eval
+def test_eval_scores_a_file_and_writes_the_report(tiny, model, tmp_path):
+    items = tmp_path / "items.jsonl"
+    rows = [
+        {"id": "v1", "task": "vqa", "image": str(tiny["png"]), "question": "what colour is it?", "answer": "red"},
+        {"id": "t1", "task": "text", "question": "what is 2 plus 2?", "answer": "4"},
+    ]
+    items.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    report = tmp_path / "report.json"
+    result = run("eval", tiny["model"], items, "--task", "mm", "--max-new-tokens", "4", "--out", report)
+    assert result.exit_code == 0, result.output
+    saved = json.loads(report.read_text())
+    assert {p["id"] for p in saved["predictions"]} == {"v1", "t1"}
+    assert "vqa_acc" in saved["metrics"] and "text_acc" in saved["metrics"]
+    # the CLI's answers are the library's
+    from frozenvl.eval import evaluate
+
+    direct = evaluate(model, items, task="mm", max_new_tokens=4, progress=False)
+    assert {p["id"]: p["prediction"] for p in direct.predictions} == {
+        p["id"]: p["prediction"] for p in saved["predictions"]}
+    bad = run("eval", tiny["model"], items, "--task", "nope")
+    assert bad.exit_code == 2 and "available tasks" in bad.output
+    missing = run("eval", tiny["model"], tmp_path / "none.jsonl")
+    assert missing.exit_code == 2 and "does not exist" in missing.output

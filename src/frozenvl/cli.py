@@ -5,6 +5,7 @@
     frozenvl import llava-hf SRC OUT [--workflow mm]
     frozenvl train CONFIG.yaml [--resume]
     frozenvl demo [--quick] [--no-chat] [--out DIR]
+    frozenvl eval MODEL_DIR ITEMS.jsonl [--task mm] [--out report.json]
     frozenvl --version
 
 Mistakes a user can make (a missing or wrong model directory, a bad config, an unknown task, an
@@ -327,6 +328,36 @@ def _interactive(model, out: Console, task: str, base: list[dict[str, Any]], pen
         messages += [user, {"role": "assistant", "content": answer}]
         conv_images += pending
         pending = []
+
+
+@app.command("eval")
+def eval_(
+    model_dir: Annotated[Path, typer.Argument(help="A frozenvl model directory.", show_default=False)],
+    items: Annotated[Path, typer.Argument(help="Evaluation JSONL (id, task, question, answer, image?).",
+                                         show_default=False)],
+    task: Annotated[str, typer.Option(help="Workflow that answers.")] = TEXT_TASK,
+    batch_size: Annotated[int, typer.Option(help="Prompts per generate call.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer.")] = 32,
+    out: Annotated[Optional[Path], typer.Option(help="Write the report (metrics + predictions) as JSON.")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="A missing or broken image stops the run.")] = False,
+) -> None:
+    """Score a workflow on an evaluation file: VQA accuracy, grounding Acc@0.5 / mIoU, CIDEr-D, text accuracy."""
+    from frozenvl.eval import evaluate
+
+    config = _read_config(model_dir)
+    if task not in _tasks_of(config):
+        _fail(f"unknown task {task!r}; available tasks: {_tasks_of(config)}")
+    if not items.is_file():
+        _fail(f"evaluation file {items} does not exist")
+    model = _load(model_dir)
+    try:
+        report = evaluate(model, items, task=task, batch_size=batch_size, max_new_tokens=max_new_tokens, strict=strict)
+    except USER_ERRORS as e:
+        _fail(f"{items}: {_one_line(e)}")
+    _out().print(report.summary(), soft_wrap=True)
+    if out is not None:
+        report.to_json(out)
+        _out().print(f"report written to {out}", soft_wrap=True)
 
 
 @app.command()
