@@ -283,6 +283,9 @@ def test_bad_inputs_get_clear_errors(bases, images, tmp_path):
         model.generate(prompt="hi", task="nope", max_new_tokens=2)
     with pytest.raises(ValueError, match="takes no images"):
         model.generate(prompt="<image> hi", images=[images[0]], task="text", max_new_tokens=2)
+    ids = model.tokenizer("hi", return_tensors="pt").input_ids
+    with pytest.raises(ValueError, match="takes no images"):
+        model.generate(ids, images=[images[0]], task="text", max_new_tokens=2)
     with pytest.raises(ValueError, match="exceeds the LLM's max_position_embeddings"):
         model.generate(prompt="red " * 5000, task="mm", max_new_tokens=2)
 

@@ -358,6 +358,8 @@ class FrozenVLModel(nn.Module):
         """Generate new tokens; returns [B, new_tokens] (rows finished early are padded)."""
         from .generation import GenerationConfig, generate
 
+        if task == TEXT_TASK and prompt is None and (images is not None or pixel_values is not None):
+            raise ValueError("the 'text' workflow is the base LLM and takes no images; pick a multimodal task")
         if prompt is not None:
             inputs = self.prepare_inputs(prompt, images, task)
             input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
@@ -373,7 +375,7 @@ class FrozenVLModel(nn.Module):
         cfg = GenerationConfig.make(self, **gen_kwargs)
         input_ids = input_ids.to(self.device)
         attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(self.device)
-        if pixel_values is not None and task != TEXT_TASK:
+        if pixel_values is not None:
             image_rows = self._image_rows(input_ids, pixel_values.shape[0], task, image_rows)
         n_per_row = (
             torch.bincount(image_rows.cpu(), minlength=input_ids.shape[0])
