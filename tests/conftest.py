@@ -91,7 +91,7 @@ def write_llava_data(root, n: int = 12, with_text_only: bool = True, bad: dict |
     return out
 
 
-def assert_cache_matches_recompute(model, task: str, images, batch_fn) -> None:
+def assert_cache_matches_recompute(model, task: str, images) -> None:
     """Cached generation == full recomputation (tokens), and a cached decode step's logits == the
     whole sequence recomputed (tolerance), with images that really change the output."""
     for prompt, imgs in [("<image>\nwhat is this", [images[0]]), ("<image> and <image> differ how", images[:2])]:
@@ -99,7 +99,7 @@ def assert_cache_matches_recompute(model, task: str, images, batch_fn) -> None:
         full = model.generate(prompt=prompt, images=imgs, task=task, max_new_tokens=8, eos_token_id=[],
                               use_cache=False)
         assert torch.equal(cached, full)
-    inputs = batch_fn(model, task, "<image>\nwhat is this", [images[0]])
+    inputs = batch_inputs(model, task, "<image>\nwhat is this", [images[0]])
     with torch.no_grad():
         out = model(**inputs, task=task, use_cache=True)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -125,3 +125,20 @@ def assert_gradients_only_in_workflow(model, task: str, other: str, images) -> N
     assert all(p.grad is None for p in model.workflow(other).parameters())
     for part, params in family.parts().items():
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), part
+
+
+def perturb(model, task: str, seed: int = 1, scale: float = 0.05) -> None:
+    """Give a workflow non-trivial weights (noise of std `scale`), so tests do not pass on an identity init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.trainable_parameters(task):
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def batch_inputs(model, task: str, prompts, images) -> dict:
+    """prepare_inputs plus explicit position ids (as generation passes them)."""
+    from frozenvl.data.prompt import position_ids_from_mask
+
+    inputs = model.prepare_inputs(prompts, images, task=task)
+    inputs["position_ids"] = position_ids_from_mask(inputs["attention_mask"])
+    return inputs

@@ -16,7 +16,12 @@ from frozenvl.families.adaption_prompt import visual_prompt_per_row
 from frozenvl.importers.peft_adaption_prompt import import_peft_adaption_prompt
 from frozenvl.tiny import build_llm
 
-from .conftest import assert_cache_matches_recompute, assert_gradients_only_in_workflow
+from .conftest import (
+    assert_cache_matches_recompute,
+    assert_gradients_only_in_workflow,
+    batch_inputs,
+    perturb,
+)
 
 V1 = {"family": "adaption_prompt", "adapter_len": 4, "adapter_layers": 2, "visual": "v1"}
 V2 = {
@@ -26,19 +31,6 @@ V2 = {
 CONFIGS = {"v1": V1, "v2": V2}
 
 
-def _perturb(model, task, seed=1, scale=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters(task):
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-
-
-def _batch(model, task, prompts, images):
-    inputs = model.prepare_inputs(prompts, images, task=task)
-    inputs["position_ids"] = position_ids_from_mask(inputs["attention_mask"])
-    return inputs
-
-
 # --------------------------------------------------------------------------- identity at init
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
@@ -46,16 +38,16 @@ def test_init_is_the_base_bit_for_bit(bases, images, arch, kind):
     llm, vis = bases(arch)
     model = frozenvl.build(llm, vis, workflows={"mm": CONFIGS[kind]})
     prompts = ["<image>\nwhat colour is it", "<image> a red square"]
-    with_images = _batch(model, "mm", prompts, [[images[0]], [images[1]]])
+    with_images = batch_inputs(model, "mm", prompts, [[images[0]], [images[1]]])
     assert model.tokens_per_image("mm") == 0 and with_images["pixel_values"].shape[0] == 2
-    text_only = _batch(model, "mm", ["what colour is it", "a red square left of"], None)
+    text_only = batch_inputs(model, "mm", ["what colour is it", "a red square left of"], None)
     with torch.no_grad():
         for inputs in (with_images, text_only):
             ours = model(**inputs, task="mm").logits
             text = {k: v for k, v in inputs.items() if k != "pixel_values"}
             assert torch.equal(ours, model(**text, task="text").logits)
         # and the gates are what keeps it so: opening them changes the output
-        _perturb(model, "mm")
+        perturb(model, "mm", scale=0.3)
         assert not torch.equal(model(**with_images, task="mm").logits, model(**{
             k: v for k, v in with_images.items() if k != "pixel_values"}, task="text").logits)
 
@@ -63,7 +55,7 @@ def test_init_is_the_base_bit_for_bit(bases, images, arch, kind):
 def test_text_workflow_stays_the_base(bases):
     llm, vis = bases()
     model = frozenvl.build(llm, vis, workflows={"mm": V2})
-    _perturb(model, "mm")
+    perturb(model, "mm", scale=0.3)
     bare = AutoModelForCausalLM.from_pretrained(llm).eval()
     ids = model.tokenizer(["what colour is the circle", "a red square"], return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -152,7 +144,7 @@ def test_peft_import_with_vision_keeps_peft_outputs(bases, images, tmp_path):
     import_peft_adaption_prompt(tmp_path / "adapter", llm_dir, tmp_path / "fvl", workflow="ap", vision=vis_dir)
     ours = frozenvl.load(tmp_path / "fvl")
     assert ours.workflow("ap").cfg.visual == "v1" and "connector" in ours.workflow("ap").parts()
-    inputs = _batch(ours, "ap", "<image>\nwhat colour is it", [images[0]])
+    inputs = batch_inputs(ours, "ap", "<image>\nwhat colour is it", [images[0]])
     with torch.no_grad():
         ref = peft_model(input_ids=inputs["input_ids"]).logits
         got = ours(**inputs, task="ap").logits
@@ -216,7 +208,7 @@ def test_heads_times_head_dim_not_hidden_and_gqa_match_a_reference(bases, tmp_pa
     model = frozenvl.build(llm_dir, workflows={"mm": {"family": "adaption_prompt", "adapter_len": 5,
                                                         "adapter_layers": 3, "gate": gate, "visual": "none"}})
     assert model.llm.model.layers[0].self_attn.q_proj.out_features != model.llm.config.hidden_size
-    _perturb(model, "mm", scale=1.0)
+    perturb(model, "mm", scale=1.0)
     ids = torch.randint(3, 200, (2, 8), generator=torch.Generator().manual_seed(2))
     pos = torch.arange(8).expand(2, -1)
     with torch.no_grad():
@@ -232,14 +224,14 @@ def test_heads_times_head_dim_not_hidden_and_gqa_match_a_reference(bases, tmp_pa
 def test_cached_generation_equals_recomputation(bases, images, arch, kind):
     llm, vis = bases(arch)
     model = frozenvl.build(llm, vis, workflows={"mm": CONFIGS[kind]})
-    _perturb(model, "mm", scale=1.0)
-    assert_cache_matches_recompute(model, "mm", images, _batch)
+    perturb(model, "mm", scale=1.0)
+    assert_cache_matches_recompute(model, "mm", images)
 
 
 def test_batched_rows_with_one_image_each_equal_one_by_one(bases, images):
     llm, vis = bases()
     model = frozenvl.build(llm, vis, workflows={"mm": V1})
-    _perturb(model, "mm", scale=1.0)
+    perturb(model, "mm", scale=1.0)
     prompts, per_prompt = ["<image>\nwhat is this", "<image> is it red"], [[images[0]], [images[2]]]
     batch = model.generate(prompt=prompts, images=per_prompt, task="mm", max_new_tokens=6, eos_token_id=[])
     for k, (p, imgs) in enumerate(zip(prompts, per_prompt)):
@@ -276,7 +268,7 @@ def test_visual_prompt_rows():
 def test_gradients_reach_only_the_workflow(bases, images, kind):
     llm, vis = bases()
     model = frozenvl.build(llm, vis, workflows={"mm": CONFIGS[kind], "other": V1})
-    _perturb(model, "mm")  # open the gates, so that every part has a gradient
+    perturb(model, "mm", scale=0.3)  # open the gates, so that every part has a gradient
     family = model.workflow("mm")
     expected = {"connector", "prompt", "gate"} | ({"bias"} if CONFIGS[kind].get("bias_tuning") else set())
     assert set(family.parts()) == expected
@@ -287,8 +279,8 @@ def test_gradients_reach_only_the_workflow(bases, images, kind):
 def test_save_load_round_trip(bases, images, tmp_path):
     llm, vis = bases()
     model = frozenvl.build(llm, vis, workflows={"v1": V1, "v2": V2})
-    _perturb(model, "v1")
-    _perturb(model, "v2", seed=2)
+    perturb(model, "v1", scale=0.3)
+    perturb(model, "v2", seed=2, scale=0.3)
     model.save_pretrained(tmp_path)
     loaded = frozenvl.load(tmp_path)
     for task in ("v1", "v2"):

@@ -11,25 +11,16 @@ import torch.nn.functional as F
 
 import frozenvl
 from frozenvl.config import ConfigError
-from frozenvl.data.prompt import position_ids_from_mask
 from frozenvl.families.bind import blend_with_bank, build_feature_bank, load_feature_bank
 
-from .conftest import assert_cache_matches_recompute, assert_gradients_only_in_workflow
+from .conftest import (
+    assert_cache_matches_recompute,
+    assert_gradients_only_in_workflow,
+    batch_inputs,
+    perturb,
+)
 
 BIND = {"family": "bind"}
-
-
-def _perturb(model, task, seed=1, scale=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters(task):
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-
-
-def _batch(model, task, prompts, images):
-    inputs = model.prepare_inputs(prompts, images, task=task)
-    inputs["position_ids"] = position_ids_from_mask(inputs["attention_mask"])
-    return inputs
 
 
 def _text(inputs):
@@ -41,12 +32,12 @@ def test_init_is_the_base_bit_for_bit(bases, images, arch):
     llm, vis = bases(arch)
     model = frozenvl.build(llm, vis, workflows={"mm": BIND})
     prompts = ["<image>\nwhat colour is it", "<image> a red square"]
-    with_images = _batch(model, "mm", prompts, [[images[0]], [images[1]]])
-    text_only = _batch(model, "mm", ["what colour is it", "a red square left of"], None)
+    with_images = batch_inputs(model, "mm", prompts, [[images[0]], [images[1]]])
+    text_only = batch_inputs(model, "mm", ["what colour is it", "a red square left of"], None)
     with torch.no_grad():
         for inputs in (with_images, text_only):
             assert torch.equal(model(**inputs, task="mm").logits, model(**_text(inputs), task="text").logits)
-        _perturb(model, "mm")
+        perturb(model, "mm", scale=0.3)
         assert not torch.equal(model(**with_images, task="mm").logits, model(**_text(with_images), task="text").logits)
 
 
@@ -55,7 +46,7 @@ def test_added_term_matches_hand_computation(bases, images):
     llm, vis = bases()
     model = frozenvl.build(llm, vis, workflows={"mm": {**BIND, "layers": [0], "gate_init": 0.7}})
     family = model.workflow("mm")
-    inputs = _batch(model, "mm", "<image> what is", [images[0]])
+    inputs = batch_inputs(model, "mm", "<image> what is", [images[0]])
     attn = model.llm.model.layers[0].self_attn
     captured = []
     hook = attn.o_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
@@ -79,8 +70,8 @@ def test_added_term_matches_hand_computation(bases, images):
 def test_cached_generation_equals_recomputation(bases, images, arch):
     llm, vis = bases(arch)
     model = frozenvl.build(llm, vis, workflows={"mm": BIND})
-    _perturb(model, "mm", scale=1.0)
-    assert_cache_matches_recompute(model, "mm", images, _batch)
+    perturb(model, "mm", scale=1.0)
+    assert_cache_matches_recompute(model, "mm", images)
 
 
 def test_gradients_reach_only_the_workflow(bases, images):
@@ -89,14 +80,14 @@ def test_gradients_reach_only_the_workflow(bases, images):
     family = model.workflow("mm")
     assert set(family.parts()) == {"bind", "prompt", "gate"}
     assert sum(p.numel() for p in model.trainable_parameters("mm")) == sum(p.numel() for p in family.parameters())
-    _perturb(model, "mm")
+    perturb(model, "mm", scale=0.3)
     assert_gradients_only_in_workflow(model, "mm", "other", images)
 
 
 def test_save_load_round_trip(bases, images, tmp_path):
     llm, vis = bases()
     model = frozenvl.build(llm, vis, workflows={"mm": {**BIND, "layers": [1, 3], "bind_blocks": 2}})
-    _perturb(model, "mm")
+    perturb(model, "mm", scale=0.3)
     model.save_pretrained(tmp_path)
     loaded = frozenvl.load(tmp_path)
     inputs = model.prepare_inputs("<image> what is it", [images[1]], task="mm")

@@ -15,7 +15,7 @@ from frozenvl.config import ConfigError
 from frozenvl.families.base import IMAGE_TOKEN_ID
 from frozenvl.families.inner_adaptor import IAA14_LAYERS_32, default_insertion_layers
 
-from .conftest import LLM_ARCHS
+from .conftest import LLM_ARCHS, perturb
 
 FAMILY_WORKFLOWS = {
     "prefix": {"family": "prefix"},
@@ -27,14 +27,6 @@ def _build(bases, arch="llama", vision="clip", **workflows):
     llm, vis = bases(arch, vision)
     wfs = workflows or {"mm": FAMILY_WORKFLOWS["prefix"], "g": FAMILY_WORKFLOWS["inner_adaptor"]}
     return frozenvl.build(llm, vis, workflows=wfs)
-
-
-def _perturb(model, task, seed=1):
-    """Give a workflow non-trivial weights so that tests do not pass on an identity init."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters(task):
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 def _checksum(module) -> str:
@@ -51,7 +43,7 @@ def _checksum(module) -> str:
 def test_text_workflow_is_the_base_bit_for_bit(bases, arch, family):
     llm_dir, _ = bases(arch)
     model = _build(bases, arch, mm=FAMILY_WORKFLOWS[family])
-    _perturb(model, "mm")
+    perturb(model, "mm")
     bare = AutoModelForCausalLM.from_pretrained(llm_dir).eval()
     tok = model.tokenizer
     ids = tok(["what colour is the circle", "a red square"], return_tensors="pt", padding=True)
@@ -71,7 +63,7 @@ def test_text_workflow_is_the_base_bit_for_bit(bases, arch, family):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_cached_generation_equals_recomputation(bases, images, family, arch):
     model = _build(bases, arch, mm=FAMILY_WORKFLOWS[family])
-    _perturb(model, "mm")
+    perturb(model, "mm")
     for prompt, imgs in [("<image>\nwhat is this", [images[0]]), ("<image> and <image> differ how", images[:2])]:
         cached = model.generate(prompt=prompt, images=imgs, task="mm", max_new_tokens=10, eos_token_id=[])
         full = model.generate(
@@ -83,7 +75,7 @@ def test_cached_generation_equals_recomputation(bases, images, family, arch):
 @pytest.mark.parametrize("family", sorted(FAMILY_WORKFLOWS))
 def test_batched_generation_equals_one_by_one(bases, images, family):
     model = _build(bases, mm=FAMILY_WORKFLOWS[family])
-    _perturb(model, "mm")
+    perturb(model, "mm")
     prompts = ["<image>\nwhat is this", "a red circle", "<image> left of <image> is what shape"]
     per_prompt = [[images[0]], [], [images[1], images[2]]]  # mixed image counts, one text-only
     batch = model.generate(prompt=prompts, images=per_prompt, task="mm", max_new_tokens=8, eos_token_id=[])
@@ -193,7 +185,7 @@ def test_two_inner_adaptor_workflows_are_independent(bases, images):
     inputs = model.prepare_inputs("<image> where is it", [images[0]], task="g")
     with torch.no_grad():
         mm_before = model(**inputs, task="mm").logits
-        _perturb(model, "g")
+        perturb(model, "g")
         assert torch.equal(model(**inputs, task="mm").logits, mm_before)
         assert not torch.equal(model(**inputs, task="g").logits, mm_before)
     assert not set(map(id, model.trainable_parameters("mm"))) & set(map(id, model.trainable_parameters("g")))
@@ -202,8 +194,8 @@ def test_two_inner_adaptor_workflows_are_independent(bases, images):
 # --------------------------------------------------------------------------- checkpoints
 def test_save_load_round_trip(bases, images, tmp_path):
     model = _build(bases)
-    _perturb(model, "mm")
-    _perturb(model, "g", seed=2)
+    perturb(model, "mm")
+    perturb(model, "g", seed=2)
     model.save_pretrained(tmp_path)
     files = sorted(os.listdir(tmp_path))
     assert files == ["frozenvl.json", "workflow-g.safetensors", "workflow-mm.safetensors"]
@@ -222,7 +214,7 @@ def test_save_load_round_trip(bases, images, tmp_path):
 
 def test_load_workflow_into_running_model(bases, images, tmp_path):
     src = _build(bases)
-    _perturb(src, "g")
+    perturb(src, "g")
     src.save_pretrained(tmp_path, tasks=["g"])
     running = _build(bases, mm=FAMILY_WORKFLOWS["prefix"])
     running.load_workflow(tmp_path, "g", as_name="ground")
@@ -307,7 +299,7 @@ def test_model_dir_with_bases_inside_can_move(tmp_path, images):
 
 def test_image_free_requests_fall_back_to_the_base(bases, images):
     model = _build(bases)
-    _perturb(model, "g")
+    perturb(model, "g")
     kw = dict(max_new_tokens=6, eos_token_id=[])
     text = model.generate(prompt="what is 3 plus 4", task="text", **kw)
     # inner_adaptor with text_fallback (the default for frozen-LLM workflows): exactly the base
