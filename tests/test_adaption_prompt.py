@@ -245,6 +245,11 @@ def test_batched_rows_with_one_image_each_equal_one_by_one(bases, images):
         assert torch.equal(batch[k : k + 1], single), f"row {k}"
     inputs = model.prepare_inputs(prompts, per_prompt, task="mm")
     assert inputs["image_rows"].tolist() == [0, 2, 2]
+    # images given to forward one list per row name their rows just as well
+    with torch.no_grad():
+        explicit = model(**inputs, task="mm").logits
+        nested = model(inputs["input_ids"], inputs["attention_mask"], images=per_prompt, task="mm").logits
+    assert torch.equal(explicit, nested)
     # without the rows, which image belongs to which row is unknown: a clear error, never a guess
     inputs.pop("image_rows")
     with pytest.raises(ValueError, match="pass image_rows"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
-from .config import CONFIG_NAME, ModelConfig, WorkflowConfig, parse_workflow
+from .config import ModelConfig, WorkflowConfig, parse_workflow
 from .data.prompt import (
     count_placeholders,
     left_pad,
@@ -27,6 +26,7 @@ from .vision.encoder import VisionTower
 from .vision.images import ImagePreprocessor
 
 TEXT_TASK = "text"
+NO_IMAGES_FOR_TEXT = "the 'text' workflow is the base LLM and takes no images; pick a multimodal task"
 WEIGHTS_PATTERN = "workflow-{name}.safetensors"
 
 
@@ -186,6 +186,19 @@ class FrozenVLModel(nn.Module):
             return None
         return self.preprocessor(task)(flat)
 
+    def _images_in(self, images: Any, n_rows: int, task: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(pixel_values, image_rows) from user `images`: a ready tensor, a flat list, or one list per row."""
+        if images is None:
+            return None, None
+        if task == TEXT_TASK:
+            raise ValueError(NO_IMAGES_FOR_TEXT)
+        if isinstance(images, torch.Tensor):
+            return images, None
+        rows = None
+        if n_rows > 1 and _is_per_sample(images, n_rows):
+            rows = torch.tensor([r for r, imgs in enumerate(images) for _ in imgs], dtype=torch.long)
+        return self.pixel_values(images, task), rows
+
     def _image_embeds(self, task: str, pixel_values: torch.Tensor | None) -> torch.Tensor | None:
         if pixel_values is None:
             return None
@@ -228,12 +241,13 @@ class FrozenVLModel(nn.Module):
         if use_cache and past_key_values is None:
             past_key_values = self.new_cache(task)
         if pixel_values is None:
-            pixel_values = self.pixel_values(images, task)
+            pixel_values, rows = self._images_in(images, input_ids.shape[0], task)
+            image_rows = image_rows if image_rows is not None else rows
         self._check_length(input_ids, attention_mask)
 
         if task == TEXT_TASK:
             if pixel_values is not None or image_embeds is not None:
-                raise ValueError("the 'text' workflow is the base LLM and takes no images; pick a multimodal task")
+                raise ValueError(NO_IMAGES_FOR_TEXT)
             if (input_ids == IMAGE_TOKEN_ID).any():
                 raise ValueError("the 'text' workflow got image placeholders in input_ids")
             out = self.llm(
@@ -358,20 +372,17 @@ class FrozenVLModel(nn.Module):
         """Generate new tokens; returns [B, new_tokens] (rows finished early are padded)."""
         from .generation import GenerationConfig, generate
 
-        if task == TEXT_TASK and prompt is None and (images is not None or pixel_values is not None):
-            raise ValueError("the 'text' workflow is the base LLM and takes no images; pick a multimodal task")
+        if task == TEXT_TASK and pixel_values is not None:
+            raise ValueError(NO_IMAGES_FOR_TEXT)
         if prompt is not None:
             inputs = self.prepare_inputs(prompt, images, task)
             input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
             pixel_values, image_rows = inputs["pixel_values"], inputs["image_rows"]
-        elif pixel_values is None:
-            if images is not None and input_ids is not None and image_rows is None:
-                per_sample = _per_sample_images(images, input_ids.shape[0]) if input_ids.shape[0] > 1 else None
-                if per_sample is not None:
-                    image_rows = torch.tensor([r for r, imgs in enumerate(per_sample) for _ in imgs], dtype=torch.long)
-            pixel_values = self.pixel_values(images, task)
         if input_ids is None:
             raise ValueError("give input_ids or prompt")
+        if pixel_values is None:
+            pixel_values, rows = self._images_in(images, input_ids.shape[0], task)
+            image_rows = image_rows if image_rows is not None else rows
         cfg = GenerationConfig.make(self, **gen_kwargs)
         input_ids = input_ids.to(self.device)
         attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(self.device)
