@@ -21,3 +21,16 @@ def load_average() -> tuple[float, float, float] | None:
 
 def fmt_load(load: tuple[float, float, float] | None) -> str:
     return "n/a" if load is None else "/".join(f"{x:.1f}" for x in load)
+
+
+def print_table(title: str, headers: list[str], rows: list[list[str]], left: tuple[str, ...] = ()) -> None:
+    """A rich table, wide enough for a log file; the first column and those in `left` align left."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for h in headers:
+        table.add_column(h, justify="left" if h == headers[0] or h in left else "right")
+    for line in rows:
+        table.add_row(*line)
+    Console(width=200).print(table)

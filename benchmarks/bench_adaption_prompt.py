@@ -59,7 +59,7 @@ warnings.filterwarnings("ignore")
 import frozenvl  # noqa: E402
 from frozenvl.importers.peft_adaption_prompt import import_peft_adaption_prompt  # noqa: E402
 from frozenvl.tiny import build_llm, build_tokenizer  # noqa: E402
-from _common import fmt_load, load_average, n_params  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import fmt_load, load_average, n_params, print_table  # noqa: E402  (benchmarks/ is on sys.path)
 
 PROMPT = "You are a helpful assistant that can see images. Describe the image in one sentence."
 WORKFLOW = "ap"
@@ -92,25 +92,6 @@ def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, float, torch.Tensor]:
 
 
 
-
-
-def print_table(title: str, headers: list[str], rows: list[list[str]]) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-
-        t = Table(title=title)
-        for h in headers:
-            t.add_column(h, justify="left" if h == headers[0] else "right")
-        for line in rows:
-            t.add_row(*line)
-        Console(width=200).print(t)
-    except ImportError:
-        print(title)
-        widths = [max(len(h), *(len(line[i]) for line in rows)) for i, h in enumerate(headers)]
-        print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
-        for line in rows:
-            print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
 
 
 # ------------------------------------------------------------------------------------------ models

@@ -59,7 +59,7 @@ import frozenvl  # noqa: E402
 from frozenvl.data.prompt import left_pad  # noqa: E402
 from frozenvl.families.base import IMAGE_TOKEN_ID  # noqa: E402
 from frozenvl.tiny import build_tokenizer, build_vision  # noqa: E402
-from _common import fmt_load, load_average, n_params  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import fmt_load, load_average, n_params, print_table  # noqa: E402  (benchmarks/ is on sys.path)
 
 # Prompts of different lengths (batch 4 uses all four, batch 1 the first). For `mm`, each row is
 # "<chunk before the image>" + image slots + "<chunk after>", LLaVA-1.5 style.
@@ -250,22 +250,7 @@ def report(rows: list[Row], new_tokens: int, targets: dict[str, float]) -> None:
         f"greedy generation, {new_tokens} new tokens per row; tok/s = batch * new tokens / best call time; "
         "ratio = frozenvl / transformers; CPU s: of the best process CPU times"
     )
-    try:
-        from rich.console import Console
-        from rich.table import Table
-
-        t = Table(title=title)
-        for h in headers:
-            t.add_column(h, justify="left" if h in ("case", "prompt len") else "right")
-        for line in table:
-            t.add_row(*line)
-        Console(width=200).print(t)
-    except ImportError:
-        print(title)
-        widths = [max(len(h), *(len(line[i]) for line in table)) for i, h in enumerate(headers)]
-        print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
-        for line in table:
-            print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+    print_table(title, headers, table, left=("prompt len",))
     for r in rows:
         if r.note:
             print(f"{r.case} b{r.batch}: {r.note}")
