@@ -350,8 +350,6 @@ class AdaptionPromptFamily(Family):
         return super().decode(h, ctx)
 
     def run_layer(self, idx: int, h: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
-        if idx not in self.layers_replaced:
-            return super().run_layer(idx, h, ctx)
         layer = self.lm.layers[idx]
         attn = layer.self_attn
         view = _TunedAttention(attn, self.bias[str(idx)]) if self.bias is not None else attn

@@ -7,6 +7,7 @@ A family says only what differs from the base forward pass. The places it can ac
 2. around a decoder layer: `before_layer` / `after_layer` for the layer indices listed in
    `layers_before` / `layers_after`;
 3. inside attention and 4. inside the MLP: `run_layer` for the indices in `layers_replaced`
+   (the other layers run as the HF layer itself)
    (a family re-implements the decoder block there, reusing the frozen submodules);
 plus its own final norm / LM head / embedding table where it owns copies.
 
@@ -168,7 +169,8 @@ class Family(nn.Module):
         return h
 
     def run_layer(self, idx: int, h: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
-        return call_layer(self.lm.layers[idx], h, ctx, self.lm.layer_types[idx])
+        """Layer `idx` (one of `layers_replaced`) as the family changes it; see `decoder_block`."""
+        raise NotImplementedError(f"{type(self).__name__} lists layer {idx} in layers_replaced but has no run_layer")
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm.norm(h)
@@ -217,7 +219,10 @@ class Family(nn.Module):
     def _layer_step(self, idx: int, h: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
         if idx in self.layers_before:
             h = self.before_layer(idx, h, ctx)
-        h = self.run_layer(idx, h, ctx)
+        if idx in self.layers_replaced:
+            h = self.run_layer(idx, h, ctx)
+        else:
+            h = call_layer(self.lm.layers[idx], h, ctx, self.lm.layer_types[idx])
         if idx in self.layers_after:
             h = self.after_layer(idx, h, ctx)
         return h

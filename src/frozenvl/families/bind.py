@@ -273,8 +273,6 @@ class BindFamily(Family):
         return super().decode(h, ctx)
 
     def run_layer(self, idx: int, h: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
-        if idx not in self.layers_replaced:
-            return super().run_layer(idx, h, ctx)
         layer = self.lm.layers[idx]
         adapter = self.prompt[str(idx)].unsqueeze(0)  # [1, hidden]
         visual = ctx.state.get("visual")
