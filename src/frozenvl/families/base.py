@@ -7,8 +7,8 @@ A family says only what differs from the base forward pass. The places it can ac
 2. around a decoder layer: `before_layer` / `after_layer` for the layer indices listed in
    `layers_before` / `layers_after`;
 3. inside attention and 4. inside the MLP: `run_layer` for the indices in `layers_replaced`
-   (the other layers run as the HF layer itself)
-   (a family re-implements the decoder block there, reusing the frozen submodules);
+   (a family re-implements the decoder block there, reusing the frozen submodules; every other
+   layer runs as the HF layer itself);
 plus its own final norm / LM head / embedding table where it owns copies.
 
 The loop, mask and rotary preparation, and cache handling are written once (`decode`), for every
