@@ -418,11 +418,14 @@ class FrozenVLModel(nn.Module):
             return task
         return TEXT_TASK if self.workflow(task).cfg.text_fallback else task
 
-    def stream(self, prompt: str, images: Any = None, task: str = TEXT_TASK, **gen_kwargs: Any) -> Iterator[str]:
+    def stream(
+        self, prompt: str, images: Any = None, task: str = TEXT_TASK, *, add_special_tokens: bool = True,
+        **gen_kwargs: Any,
+    ) -> Iterator[str]:
         """Yield the generated text piece by piece."""
         from .generation import GenerationConfig, stream_text
 
-        inputs = self.prepare_inputs(prompt, images, task)
+        inputs = self.prepare_inputs(prompt, images, task, add_special_tokens=add_special_tokens)
         cfg = GenerationConfig.make(self, **gen_kwargs)
         task = self.route(task, inputs["input_ids"], inputs["pixel_values"])
         return stream_text(self, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], task, cfg,
@@ -438,14 +441,8 @@ class FrozenVLModel(nn.Module):
         **gen_kwargs: Any,
     ) -> str | Iterator[str]:
         """Render `messages` with the tokenizer's chat template and answer; `<image>` marks where images go."""
-        text = self.render_chat(messages)
-        from .generation import GenerationConfig, stream_text
-
-        inputs = self.prepare_inputs(text, images, task, add_special_tokens=False)
-        cfg = GenerationConfig.make(self, **gen_kwargs)
-        task = self.route(task, inputs["input_ids"], inputs["pixel_values"])
-        pieces = stream_text(self, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], task, cfg,
-                             image_rows=inputs["image_rows"])
+        # The template writes its own special tokens (bos included): none are added on top.
+        pieces = self.stream(self.render_chat(messages), images, task, add_special_tokens=False, **gen_kwargs)
         return pieces if stream else "".join(pieces)
 
     # ------------------------------------------------------------------ checkpoints
