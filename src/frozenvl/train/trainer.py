@@ -343,8 +343,6 @@ class Trainer:
                     order = self._epoch_order(stage_idx, position.epoch, global_micro)
                     steps = [order[i : i + stage.grad_accum] for i in range(0, len(order), stage.grad_accum)]
                     for step_batches in steps[position.step_in_epoch :]:
-                        if position.stage_step >= total:
-                            break
                         t0 = time.time()
                         micro = [self._load_micro(ix, stage) for ix in step_batches]
                         loss, tokens = self._step(ddp, micro, stage, optimizer, scheduler, params)
@@ -372,11 +370,11 @@ class Trainer:
                             self._save_checkpoint(optimizer, scheduler, position)
                         for callback in self.callbacks:
                             callback(self, position)
-                    else:
+                        if position.stage_step >= total:
+                            break
+                    if position.step_in_epoch == len(steps):  # the epoch is used up
                         position.epoch += 1
                         position.step_in_epoch = 0
-                        continue
-                    break
                 bar.close()
                 # Stage done: the checkpoint points at the start of the next stage.
                 done = ckpt.Position(stage=stage_idx + 1, global_step=position.global_step, tokens=position.tokens)
