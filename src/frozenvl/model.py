@@ -118,9 +118,19 @@ class FrozenVLModel(nn.Module):
         if family_cls.uses_images and self.vision is None:
             raise ValueError(f"workflow {name!r} ({wf.family}) takes images but the model has no vision encoder")
         module = family_cls(wf, self.llm, vision_hidden).to(self.llm.device)
+        if module.extra_tokens():
+            module.set_token_ids(self._add_tokens(module.extra_tokens()))
         self.workflows[name] = module
         self.config.workflows[name] = wf
         return module
+
+    def _add_tokens(self, tokens: list[str]) -> list[int]:
+        """Add special tokens to the shared tokenizer (a no-op for those it has) and return their ids.
+        Text without these strings tokenizes exactly as before, so `text` is unaffected."""
+        new = [t for t in tokens if t not in self.tokenizer.get_vocab()]
+        if new:
+            self.tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+        return self.tokenizer.convert_tokens_to_ids(tokens)
 
     def add_workflow(self, name: str, workflow: dict[str, Any] | WorkflowConfig) -> Family:
         """Add a new, freshly initialised workflow to a running model."""
@@ -250,6 +260,12 @@ class FrozenVLModel(nn.Module):
                 raise ValueError(NO_IMAGES_FOR_TEXT)
             if (input_ids == IMAGE_TOKEN_ID).any():
                 raise ValueError("the 'text' workflow got image placeholders in input_ids")
+            vocab = self.llm.get_input_embeddings().num_embeddings
+            if int(input_ids.max()) >= vocab:
+                raise ValueError(
+                    f"the 'text' workflow got token id {int(input_ids.max())}, beyond the base vocabulary ({vocab}): "
+                    "tokens a workflow added (e.g. <|endofchunk|>) belong to that workflow"
+                )
             out = self.llm(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

@@ -491,3 +491,75 @@ def build_tiny_bases(
     build_llm(llm_dir, arch=arch, tokenizer_dir=llm_dir, **llm_kwargs)
     vision_dir = build_vision(root / "vision", arch=vision, **(vision_kwargs or {}))
     return str(llm_dir), vision_dir
+
+
+def build_tiny_idefics(
+    out_dir: PathLike,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    cross_layer_interval: int = 2,
+    alpha_type: str = "float",
+    qk_layer_norms: bool = True,
+    use_resampler: bool = True,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    image_size: int = 32,
+    patch_size: int = 8,
+    latents: int = 8,
+    resampler_depth: int = 2,
+    gate_std: float = 0.5,
+    seed: int = 0,
+) -> str:
+    """A tiny random transformers ``IdeficsForVisionText2Text`` (with its tokenizer) saved in ``out_dir``.
+
+    The tokenizer is trained as in :func:`build_tokenizer` (512 tokens) and gets IDEFICS' additional
+    vocabulary ``<fake_token_around_image>``, ``<image>`` at ids 512, 513. The gates of the gated
+    cross-attention blocks are drawn from N(0, ``gate_std``) (transformers initialises them to 0,
+    which would hide the blocks). Returns ``str(out_dir)``.
+    """
+    import torch
+    from transformers import IdeficsConfig, IdeficsForVisionText2Text
+
+    out_dir = Path(out_dir)
+    tok = build_tokenizer(out_dir)
+    vocab = len(tok)
+    tok.add_special_tokens(
+        {"additional_special_tokens": ["<fake_token_around_image>", "<image>"]}, replace_extra_special_tokens=False
+    )
+    tok.save_pretrained(out_dir)
+    config = IdeficsConfig(
+        vocab_size=vocab,
+        additional_vocab_size=2,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        cross_layer_interval=cross_layer_interval,
+        alpha_type=alpha_type,
+        qk_layer_norms=qk_layer_norms,
+        use_resampler=use_resampler,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        vision_config=dict(
+            embed_dim=vision_hidden, image_size=image_size, patch_size=patch_size, intermediate_size=2 * vision_hidden,
+            num_hidden_layers=vision_layers, num_attention_heads=2,
+        ),
+        perceiver_config=dict(
+            use_resampler=use_resampler, resampler_n_latents=latents, resampler_depth=resampler_depth,
+            resampler_n_heads=2, resampler_head_dim=16, qk_layer_norms_perceiver=qk_layer_norms,
+        ),
+    )
+    torch.manual_seed(seed)
+    model = IdeficsForVisionText2Text(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "alpha_" in name:
+                p.normal_(0.0, gate_std)
+            elif p.dim() == 1 and ("norm" in name or "layernorm" in name):
+                p.normal_(1.0, 0.1)  # non-trivial norm weights, so a wrong mapping shows
+    model.save_pretrained(out_dir)
+    return str(out_dir)

@@ -6,6 +6,7 @@ from ..config import ConfigError
 from .adaption_prompt import AdaptionPromptFamily
 from .base import IMAGE_TOKEN_ID, DecodeContext, Family
 from .bind import BindFamily
+from .cross_attention import CrossAttentionFamily
 from .inner_adaptor import InnerAdaptorFamily
 from .prefix import PrefixFamily
 
@@ -14,6 +15,7 @@ FAMILIES: dict[str, type[Family]] = {
     InnerAdaptorFamily.name: InnerAdaptorFamily,
     AdaptionPromptFamily.name: AdaptionPromptFamily,
     BindFamily.name: BindFamily,
+    CrossAttentionFamily.name: CrossAttentionFamily,
 }
 
 

@@ -135,6 +135,14 @@ class Family(nn.Module):
         owned = {id(p) for ps in self.parts().values() for p in ps}
         return {n: p.detach() for n, p in self.named_parameters() if id(p) in owned}
 
+    # ---- tokens the family adds to the tokenizer ----------------------------------------------
+    def extra_tokens(self) -> list[str]:
+        """Special tokens the workflow adds to the model's tokenizer (its own embeddings and head rows)."""
+        return []
+
+    def set_token_ids(self, ids: list[int]) -> None:
+        """The tokenizer ids `extra_tokens` got; called when the workflow is attached to a model."""
+
     # ---- images -----------------------------------------------------------------------------
     def image_tokens_per_image(self, num_vision_tokens: int) -> int:
         """How many placeholder positions one image occupies in input_ids (0: images are not in the sequence)."""

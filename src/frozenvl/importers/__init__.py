@@ -1,6 +1,7 @@
 """Importers: turn checkpoints of other multimodal formats into frozenvl model directories."""
 
+from .idefics import import_idefics
 from .llava import import_llava_hf
 from .peft_adaption_prompt import import_peft_adaption_prompt
 
-__all__ = ["import_llava_hf", "import_peft_adaption_prompt"]
+__all__ = ["import_idefics", "import_llava_hf", "import_peft_adaption_prompt"]
