@@ -1,14 +1,30 @@
-"""LLaVA-format conversation datasets, collation and modality/length grouped sampling.
+"""LLaVA-format conversations and interleaved image-text documents, collation and modality/length
+grouped sampling.
 
-A data file is a JSON list or JSONL of samples::
+A data file is a JSON list or JSONL of samples, each a conversation::
 
     {"id": "000001", "image": "coco/1.jpg" | ["a.jpg", "b.jpg"] (optional),
      "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
                        {"from": "gpt", "value": "A cat."}]}
 
+or an interleaved document (language modelling over image-text documents, as OpenFlamingo trains
+on MMC4)::
+
+    {"id": "doc1",
+     "document": ["Some text ", {"image": "a.png"}, " a caption.<|endofchunk|>",
+                  {"image": "b.png"}, "more text<|endofchunk|>"]}
+
+Both kinds may be mixed in one file. A document's items are, in order, text (a string) or an image
+(``{"image": path}``, relative to the image root as for conversations); see :func:`parse_document`
+and :func:`encode_document`. It is tokenized as bos (if the tokenizer adds one), the items in order
+(consecutive strings joined as written, no spaces added; each image becomes ``tokens_per_image``
+image slots, as ``<image>`` does in :func:`~frozenvl.data.prompt.tokenize_with_images`) and eos.
+Every text token and the eos are targets; bos and image slots are not. A document must not have a
+top-level ``image`` key nor ``conversations``.
+
 All samples are validated and tokenized when the dataset is built (see
-:func:`~frozenvl.data.chat.encode_conversation`); image files are only checked for existence
-then, and decoded in ``__getitem__``.
+:func:`~frozenvl.data.chat.encode_conversation` and :func:`encode_document`); image files are only
+checked for existence then, and decoded in ``__getitem__``.
 """
 
 from __future__ import annotations
@@ -26,10 +42,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..families.base import IMAGE_TOKEN_ID
 from ..vision.images import ImageError, ImagePreprocessor
-from .chat import IGNORE_INDEX, SampleError, encode_conversation, to_messages
+from .chat import IGNORE_INDEX, TRUNCATION_MODES, EncodedSample, SampleError, encode_conversation, to_messages
+from .prompt import IMAGE_PLACEHOLDER, tokenize_with_images
 
-__all__ = ["ConversationDataset", "DataStats", "ModalityLengthGroupedSampler", "collate", "read_records"]
+__all__ = [
+    "ConversationDataset",
+    "DataStats",
+    "ModalityLengthGroupedSampler",
+    "collate",
+    "encode_document",
+    "parse_document",
+    "read_records",
+]
 
 ON_BAD_SAMPLE = ("skip", "error")
 
@@ -108,11 +134,121 @@ def read_records(path: str | os.PathLike[str]) -> list[tuple[Any, str]]:
     return records
 
 
+# --------------------------------------------------------------------------- interleaved documents
+
+
+def _sample_error(sample_id: str, message: str, kind: str = "bad_format") -> SampleError:
+    return SampleError(f"sample {sample_id!r}: {message}", kind=kind, sample_id=sample_id)
+
+
+def parse_document(document: Any, *, sample_id: str = "?") -> tuple[str, list[str]]:
+    """A document's items -> (text with one ``<image>`` per image item, the image paths in order).
+
+    Items are strings (text) or ``{"image": path}`` (an image; no other keys). Anything else raises
+    :class:`SampleError` (kind "bad_format") naming the item's index; a text item containing
+    ``<image>`` itself raises kind "placeholder_mismatch" (images are given as items, never in text).
+    """
+    if not isinstance(document, (list, tuple)) or not document:
+        raise _sample_error(sample_id, "'document' must be a non-empty list of text and {\"image\": path} items")
+    parts: list[str] = []
+    images: list[str] = []
+    for k, item in enumerate(document):
+        if isinstance(item, str):
+            if IMAGE_PLACEHOLDER in item:
+                raise _sample_error(
+                    sample_id,
+                    f"document item {k}: text contains {IMAGE_PLACEHOLDER}; images in a document are "
+                    '{"image": path} items',
+                    "placeholder_mismatch",
+                )
+            parts.append(item)
+        elif isinstance(item, dict) and set(item) == {"image"} and isinstance(item["image"], str):
+            if not item["image"].strip():
+                raise _sample_error(sample_id, f"document item {k}: empty image path")
+            parts.append(IMAGE_PLACEHOLDER)
+            images.append(item["image"])
+        else:
+            shown = repr(item)
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            raise _sample_error(
+                sample_id, f'document item {k}: expected a string or {{"image": path}}, got {shown}'
+            )
+    return "".join(parts), images
+
+
+def _adds_bos(tokenizer) -> bool:
+    """Whether plain encoding (add_special_tokens=True) puts the tokenizer's bos in front."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    return tokenizer("", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
+def encode_document(
+    tokenizer,
+    text: str,
+    *,
+    tokens_per_image: int,
+    max_length: int | None = None,
+    truncation: str = "skip",
+    sample_id: str = "?",
+) -> EncodedSample:
+    """An interleaved document (text with ``<image>`` placeholders, see :func:`parse_document`) ->
+    input ids and language-modelling labels.
+
+    ids = [bos (if the tokenizer adds one)] + :func:`~frozenvl.data.prompt.tokenize_with_images`
+    (``text``, ``tokens_per_image``) + [eos]. Labels are the token id for every text token and the
+    eos; -100 for bos and image slots.
+
+    ``max_length`` is handled as in :func:`~frozenvl.data.chat.encode_conversation`: a longer
+    sequence raises kind "overlong" with ``truncation="skip"``; with ``"truncate"`` it is cut to
+    ``max_length`` unless the cut drops any image slot (kind "image_truncated") or leaves no
+    labelled token (kind "answer_truncated").
+    """
+    if truncation not in TRUNCATION_MODES:
+        raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
+    if max_length is not None and max_length <= 0:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    if tokens_per_image < 0:
+        raise ValueError(f"tokens_per_image must be >= 0, got {tokens_per_image}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos token: interleaved documents end with one")
+
+    body = tokenize_with_images(tokenizer, text, tokens_per_image)
+    prefix = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+    ids = prefix + body + [eos]
+    labels = [IGNORE_INDEX] * len(prefix) + [IGNORE_INDEX if t == IMAGE_TOKEN_ID else t for t in body] + [eos]
+    num_images = text.count(IMAGE_PLACEHOLDER)
+
+    truncated = False
+    if max_length is not None and len(ids) > max_length:
+        if truncation == "skip":
+            raise _sample_error(sample_id, f"{len(ids)} tokens, over max_length={max_length}", "overlong")
+        if IMAGE_TOKEN_ID in ids[max_length:]:
+            partial = ids[max_length - 1] == IMAGE_TOKEN_ID and ids[max_length] == IMAGE_TOKEN_ID
+            where = "inside an image's slots" if partial else "before an image's slots"
+            raise _sample_error(
+                sample_id, f"truncating {len(ids)} tokens to max_length={max_length} cuts {where}", "image_truncated"
+            )
+        total = len(ids)
+        ids, labels = ids[:max_length], labels[:max_length]
+        if all(lab == IGNORE_INDEX for lab in labels):
+            raise _sample_error(
+                sample_id,
+                f"truncating {total} tokens to max_length={max_length} leaves no text token",
+                "answer_truncated",
+            )
+        truncated = True
+    return EncodedSample(input_ids=ids, labels=labels, num_images=num_images, truncated=truncated)
+
+
 # --------------------------------------------------------------------------- dataset
 
 
 class ConversationDataset(torch.utils.data.Dataset):
-    """Tokenized LLaVA conversations with lazily decoded images.
+    """Tokenized LLaVA conversations and interleaved documents (``document`` records, see the module
+    docstring), with lazily decoded images.
 
     Items are ``{"input_ids": LongTensor[L], "labels": LongTensor[L],
     "pixel_values": FloatTensor[n_img, 3, H, W] | None, "id": str}``, or None for a sample whose
@@ -218,19 +354,39 @@ class ConversationDataset(torch.utils.data.Dataset):
                 kind="bad_format",
                 sample_id=sample_id,
             )
-        if "conversations" not in record:
-            raise SampleError(f"sample {sample_id!r}: no 'conversations'", kind="bad_format", sample_id=sample_id)
-        images = self._image_list(record, sample_id)
-        messages = to_messages(record["conversations"], sample_id=sample_id)
-        enc = encode_conversation(
-            self.tokenizer,
-            messages,
-            tokens_per_image=self.tokens_per_image,
-            max_length=self.max_length,
-            truncation=self.truncation,
-            sample_id=sample_id,
-            num_images=len(images),
-        )
+        if "document" in record:
+            if "conversations" in record:
+                raise _sample_error(sample_id, "has both 'document' and 'conversations'; a sample is one or the other")
+            if "image" in record:
+                raise _sample_error(
+                    sample_id,
+                    "'image' is not used with 'document': images go in the document as {\"image\": path} items",
+                )
+            text, images = parse_document(record["document"], sample_id=sample_id)
+            enc = encode_document(
+                self.tokenizer,
+                text,
+                tokens_per_image=self.tokens_per_image,
+                max_length=self.max_length,
+                truncation=self.truncation,
+                sample_id=sample_id,
+            )
+        elif "conversations" not in record:
+            raise SampleError(
+                f"sample {sample_id!r}: no 'conversations' (or 'document')", kind="bad_format", sample_id=sample_id
+            )
+        else:
+            images = self._image_list(record, sample_id)
+            messages = to_messages(record["conversations"], sample_id=sample_id)
+            enc = encode_conversation(
+                self.tokenizer,
+                messages,
+                tokens_per_image=self.tokens_per_image,
+                max_length=self.max_length,
+                truncation=self.truncation,
+                sample_id=sample_id,
+                num_images=len(images),
+            )
         paths = tuple(self.image_root / p for p in images)
         for p in paths:
             if not p.is_file():

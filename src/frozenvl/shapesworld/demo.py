@@ -84,7 +84,10 @@ def recipes(scale: Scale) -> list[Run]:
     ]
     covered = {"prefix", "inner_adaptor"}
     # Family options that must fit the tiny base; anything else takes the family's defaults.
-    fit = {"adaption_prompt": {"adapter_layers": scale.bases.llm_layers}}
+    fit = {
+        "adaption_prompt": {"adapter_layers": scale.bases.llm_layers},
+        "cross_attention": {"every": 1, "resampler_depth": 2},
+    }
     for family in sorted(FAMILIES):
         if family not in covered:  # families added later join with a generic recipe
             wf = {"family": family, "select_layer": VISION_LAYER, **fit.get(family, {})}
