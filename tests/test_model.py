@@ -20,6 +20,8 @@ from .conftest import LLM_ARCHS, perturb
 FAMILY_WORKFLOWS = {
     "prefix": {"family": "prefix"},
     "inner_adaptor": {"family": "inner_adaptor", "layers": [0, 2]},
+    "cross_attention": {"family": "cross_attention", "every": 1, "resampler_depth": 1, "resampler_latents": 4,
+                        "resampler_heads": 2, "resampler_head_dim": 8},
 }
 
 

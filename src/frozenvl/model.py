@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +54,47 @@ def _dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     return getattr(torch, value)
 
 
+class EncodedImageCache:
+    """The last `size` images each workflow encoded (vision tower + family encoder), for inference.
+
+    A chat sends every earlier image again with each turn; with this cache each is encoded once.
+    Entries are keyed by workflow, the image's pixel bytes, and the storage and in-place version of the
+    weights involved, so any weight change (an optimizer step, loading, casting) is a miss. Used
+    only without autograd (generation, evaluation); `size=0` turns it off.
+    """
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self._store: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def clear(self) -> None:
+        self._store.clear()
+
+    def get(self, task: str, modules: Sequence[nn.Module], pixel_values: torch.Tensor, encode) -> torch.Tensor:
+        if self.size <= 0:
+            return encode(pixel_values)
+        # storage address + in-place version of every weight: moving, casting or updating any is a miss
+        version = tuple((p.data_ptr(), p._version) for m in modules for p in m.parameters())
+        keys = [(task, version, _digest(px)) for px in pixel_values]
+        missing = [i for i, k in enumerate(keys) if k not in self._store]
+        if missing:
+            fresh = encode(pixel_values[missing])
+            for j, i in enumerate(missing):
+                self._store[keys[i]] = fresh[j]
+        out = torch.stack([self._store[k] for k in keys])
+        for k in keys:
+            self._store.move_to_end(k)
+        while len(self._store) > self.size:
+            self._store.popitem(last=False)
+        return out
+
+
+def _digest(pixels: torch.Tensor) -> str:
+    data = pixels.detach().to("cpu").contiguous()
+    head = f"{tuple(data.shape)}{data.dtype}".encode()
+    return hashlib.sha1(head + data.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
 class FrozenVLModel(nn.Module):
     """Use :func:`frozenvl.build` or :func:`frozenvl.load` to make one."""
 
@@ -71,6 +114,7 @@ class FrozenVLModel(nn.Module):
             tokenizer.pad_token = tokenizer.eos_token
         self.workflows = nn.ModuleDict()
         self._preprocessors: dict[str, ImagePreprocessor] = {}
+        self.encoded_images = EncodedImageCache()
         for name, wf in config.workflows.items():
             self._attach(name, wf)
 
@@ -122,6 +166,7 @@ class FrozenVLModel(nn.Module):
             module.set_token_ids(self._add_tokens(module.extra_tokens()))
         self.workflows[name] = module
         self.config.workflows[name] = wf
+        self.encoded_images.clear()
         return module
 
     def _add_tokens(self, tokens: list[str]) -> list[int]:
@@ -215,8 +260,14 @@ class FrozenVLModel(nn.Module):
         family = self.workflow(task)
         if not family.uses_images:
             raise ValueError(f"workflow {task!r} ({family.cfg.family}) takes no images")
-        feats = self.vision(pixel_values, select_layer=family.cfg.select_layer, keep_cls=family.cfg.keep_cls)
-        return family.encode_images(feats)
+
+        def encode(pixels: torch.Tensor) -> torch.Tensor:
+            feats = self.vision(pixels, select_layer=family.cfg.select_layer, keep_cls=family.cfg.keep_cls)
+            return family.encode_images(feats)
+
+        if torch.is_grad_enabled() or pixel_values.shape[0] == 0:
+            return encode(pixel_values)
+        return self.encoded_images.get(task, (self.vision, family), pixel_values, encode)
 
     # ------------------------------------------------------------------ forward
     def forward(
