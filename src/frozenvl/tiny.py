@@ -510,6 +510,7 @@ def build_tiny_idefics(
     latents: int = 8,
     resampler_depth: int = 2,
     gate_std: float = 0.5,
+    initializer_range: float = 0.1,
     seed: int = 0,
 ) -> str:
     """A tiny random transformers ``IdeficsForVisionText2Text`` (with its tokenizer) saved in ``out_dir``.
@@ -541,6 +542,7 @@ def build_tiny_idefics(
         qk_layer_norms=qk_layer_norms,
         use_resampler=use_resampler,
         max_position_embeddings=512,
+        initializer_range=initializer_range,  # above the default 0.02, so that images visibly matter
         bos_token_id=tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
