@@ -320,3 +320,29 @@ def test_perceiver_shapes_frames_and_errors():
         p(torch.randn(1, 4, 7, 16))
     with pytest.raises(ValueError, match="activation"):
         PerceiverResampler(16, activation="tanh")
+
+
+def test_cli_import_idefics(tmp_path, bases):
+    from typer.testing import CliRunner
+
+    from frozenvl.cli import app
+
+    src = build_tiny_idefics(tmp_path / "src", num_layers=2, cross_layer_interval=1, use_resampler=False,
+                             qk_layer_norms=False)
+    runner = CliRunner()
+    result = runner.invoke(app, ["import", "idefics", str(src), str(tmp_path / "out"), "--workflow", "vqa"])
+    assert result.exit_code == 0, result.output
+    model = frozenvl.load(tmp_path / "out")
+    family = model.workflow("vqa")
+    assert family.resampler is None and sorted(family.blocks) == ["0", "1"]
+    ref = IdeficsForVisionText2Text.from_pretrained(src).eval()
+    ids, mask, pixels, image_mask = _idefics_inputs()
+    with torch.no_grad():
+        theirs = ref(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_attention_mask=image_mask).logits
+        ours = model(ids.masked_fill(ids == IMAGE, IMAGE_TOKEN_ID), mask, pixel_values=pixels.flatten(0, 1),
+                     task="vqa").logits
+    assert (ours - theirs)[mask.bool()].abs().max() <= 1e-5  # raw vision features as media, no resampler
+
+    llm_dir, _ = bases("llama", "clip")
+    bad = runner.invoke(app, ["import", "idefics", llm_dir, str(tmp_path / "out2")])
+    assert bad.exit_code == 2 and "not an IDEFICS" in bad.output

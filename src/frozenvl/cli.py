@@ -3,6 +3,8 @@
     frozenvl info MODEL_DIR [--json]
     frozenvl chat MODEL_DIR [--task NAME] [--image PATH ...] [--prompt TEXT] ...
     frozenvl import llava-hf SRC OUT [--workflow mm]
+    frozenvl import idefics SRC OUT [--workflow mm] [--tokenizer DIR]
+    frozenvl import peft-adaption-prompt ADAPTER BASE OUT [--vision DIR]
     frozenvl train CONFIG.yaml [--resume]
     frozenvl demo [--quick] [--no-chat] [--out DIR]
     frozenvl eval MODEL_DIR ITEMS.jsonl [--task mm] [--out report.json]
@@ -421,6 +423,23 @@ def import_llava_hf(
         _fail(f"cannot import {src}: {_one_line(e)}")
     written = result if isinstance(result, (str, os.PathLike)) else out
     _out().print(f"wrote frozenvl model (workflow [bold]{workflow}[/bold]) to {written}", soft_wrap=True)
+
+
+@import_app.command("idefics")
+def import_idefics(
+    src: Annotated[str, typer.Argument(help="A local IdeficsForVisionText2Text checkpoint directory.", show_default=False)],
+    out: Annotated[Path, typer.Argument(help="Where to write the frozenvl model directory.", show_default=False)],
+    workflow: Annotated[str, typer.Option(help="Name of the workflow the checkpoint becomes.")] = "mm",
+    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer dir, if SRC has none.")] = None,
+) -> None:
+    """Import an IDEFICS (IdeficsForVisionText2Text) checkpoint as a cross_attention workflow."""
+    fn = _importer("frozenvl.importers.idefics", "import_idefics")
+    _quiet_transformers()
+    try:
+        result = fn(src, out, workflow=workflow, tokenizer=tokenizer)
+    except USER_ERRORS as e:
+        _fail(f"cannot import {src}: {_one_line(e)}")
+    _out().print(f"wrote frozenvl model (workflow [bold]{workflow}[/bold]) to {result}", soft_wrap=True)
 
 
 @import_app.command("peft-adaption-prompt")
