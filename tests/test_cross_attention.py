@@ -203,11 +203,12 @@ def test_media_keys_values_are_computed_once_per_generate(bases, images, monkeyp
                         lambda self, media: calls.append(media.shape[0]) or original(self, media))
     encodes = []
     model.vision.register_forward_hook(lambda mod, args, out: encodes.append(args[0].shape[0]))
-    # two rows sharing one image: one key/value projection per block for the distinct images
+    # two rows sharing one image: the vision tower sees each distinct image once, and each block
+    # projects the media to keys/values once for the whole generate call
     model.generate(prompt=["<image> what", "<image> and <image> why"], images=[[images[0]], [images[1], images[0]]],
                    task="mm", max_new_tokens=10, eos_token_id=[])
     n_blocks = len(model.workflow("mm").blocks)
-    assert len(calls) == n_blocks and encodes == [3]
+    assert len(calls) == n_blocks and encodes == [2]
     # a second chat turn re-sends the first image: only the new one is encoded
     encodes.clear()
     turn1 = [{"role": "user", "content": "<image> what is this"}]

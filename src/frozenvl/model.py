@@ -76,7 +76,8 @@ class EncodedImageCache:
         # storage address + in-place version of every weight: moving, casting or updating any is a miss
         version = tuple((p.data_ptr(), p._version) for m in modules for p in m.parameters())
         keys = [(task, version, _digest(px)) for px in pixel_values]
-        missing = [i for i, k in enumerate(keys) if k not in self._store]
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}  # an image given twice is encoded once
+        missing = [i for k, i in first.items() if k not in self._store]
         if missing:
             fresh = encode(pixel_values[missing])
             for j, i in enumerate(missing):
