@@ -61,8 +61,31 @@ class SampleError(ValueError):
         self.sample_id = sample_id
 
 
-def _err(sample_id: str, message: str, kind: str = "bad_format") -> SampleError:
+def sample_error(sample_id: str, message: str, kind: str = "bad_format") -> SampleError:
     return SampleError(f"sample {sample_id!r}: {message}", kind=kind, sample_id=sample_id)
+
+
+def fit_length(
+    ids: list[int], labels: list[int], max_length: int | None, truncation: str, sample_id: str, what: str
+) -> tuple[list[int], list[int], bool]:
+    """Apply `max_length`: kind "overlong" with truncation "skip"; with "truncate", cut unless the cut
+    drops an image slot ("image_truncated") or leaves no labelled (`what`) token ("answer_truncated")."""
+    if max_length is None or len(ids) <= max_length:
+        return ids, labels, False
+    if truncation == "skip":
+        raise sample_error(sample_id, f"{len(ids)} tokens, over max_length={max_length}", "overlong")
+    if IMAGE_TOKEN_ID in ids[max_length:]:
+        partial = ids[max_length - 1] == IMAGE_TOKEN_ID and ids[max_length] == IMAGE_TOKEN_ID
+        where = "inside an image's slots" if partial else "before an image's slots"
+        raise sample_error(
+            sample_id, f"truncating {len(ids)} tokens to max_length={max_length} cuts {where}", "image_truncated"
+        )
+    if all(lab == IGNORE_INDEX for lab in labels[:max_length]):
+        raise sample_error(
+            sample_id, f"truncating {len(ids)} tokens to max_length={max_length} leaves no {what} token",
+            "answer_truncated",
+        )
+    return ids[:max_length], labels[:max_length], True
 
 
 # --------------------------------------------------------------------------- messages
@@ -82,9 +105,9 @@ def _content_text(content: Any, sample_id: str, turn: int) -> str:
             elif isinstance(part, dict) and part.get("type") == "image":
                 out.append(IMAGE_PLACEHOLDER)
             else:
-                raise _err(sample_id, f"turn {turn}: unsupported content part {part!r}")
+                raise sample_error(sample_id, f"turn {turn}: unsupported content part {part!r}")
         return "".join(out)
-    raise _err(sample_id, f"turn {turn}: content must be a string, got {type(content).__name__}")
+    raise sample_error(sample_id, f"turn {turn}: content must be a string, got {type(content).__name__}")
 
 
 def to_messages(conversations: list[dict], *, sample_id: str = "?") -> list[dict]:
@@ -95,19 +118,19 @@ def to_messages(conversations: list[dict], *, sample_id: str = "?") -> list[dict
     raises :class:`SampleError` (kind "bad_format").
     """
     if not isinstance(conversations, (list, tuple)) or not conversations:
-        raise _err(sample_id, "'conversations' must be a non-empty list of turns")
+        raise sample_error(sample_id, "'conversations' must be a non-empty list of turns")
     messages = []
     for turn, item in enumerate(conversations):
         if not isinstance(item, dict):
-            raise _err(sample_id, f"turn {turn}: expected an object, got {type(item).__name__}")
+            raise sample_error(sample_id, f"turn {turn}: expected an object, got {type(item).__name__}")
         if "from" in item or "value" in item:
             role, content = item.get("from"), item.get("value")
         elif "role" in item:
             role, content = item.get("role"), item.get("content")
         else:
-            raise _err(sample_id, f"turn {turn}: needs 'from'/'value' (LLaVA) or 'role'/'content' keys")
+            raise sample_error(sample_id, f"turn {turn}: needs 'from'/'value' (LLaVA) or 'role'/'content' keys")
         if not isinstance(role, str) or role.lower() not in ROLE_MAP:
-            raise _err(sample_id, f"turn {turn}: unknown role {role!r}; valid: {sorted(ROLE_MAP)}")
+            raise sample_error(sample_id, f"turn {turn}: unknown role {role!r}; valid: {sorted(ROLE_MAP)}")
         messages.append({"role": ROLE_MAP[role.lower()], "content": _content_text(content, sample_id, turn)})
     return messages
 
@@ -130,9 +153,9 @@ def prepare_images(messages: list[dict], num_images: int, *, sample_id: str = "?
             if m["role"] == "user":
                 m["content"] = IMAGE_PLACEHOLDER + "\n" + m["content"]
                 return messages
-        raise _err(sample_id, "one image but no user message to put its <image> placeholder in", "placeholder_mismatch")
+        raise sample_error(sample_id, "one image but no user message to put its <image> placeholder in", "placeholder_mismatch")
     if found != num_images:
-        raise _err(
+        raise sample_error(
             sample_id,
             f"{found} {IMAGE_PLACEHOLDER} placeholder(s) in the conversation but {num_images} image(s)",
             "placeholder_mismatch",
@@ -260,14 +283,14 @@ def encode_conversation(
     if tokens_per_image < 0:
         raise ValueError(f"tokens_per_image must be >= 0, got {tokens_per_image}")
     if not messages:
-        raise _err(sample_id, "empty conversation")
+        raise sample_error(sample_id, "empty conversation")
     if num_images is not None:
         messages = prepare_images(messages, num_images, sample_id=sample_id)
     n_placeholders = count_message_placeholders(messages)
 
     text, spans = render_with_generation_spans(tokenizer, messages)
     if text.count(IMAGE_PLACEHOLDER) != n_placeholders:
-        raise _err(
+        raise sample_error(
             sample_id,
             f"the chat template rendered {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) "
             f"from {n_placeholders} in the messages",
@@ -275,7 +298,7 @@ def encode_conversation(
         )
     has_assistant = any(m["role"] == "assistant" for m in messages)
     if not has_assistant:
-        raise _err(sample_id, "no assistant turn, nothing to learn")
+        raise sample_error(sample_id, "no assistant turn, nothing to learn")
     if not spans:
         raise SampleError(
             f"sample {sample_id!r}: the chat template marked no assistant text; assistant-only labels need "
@@ -287,27 +310,7 @@ def encode_conversation(
     ids, offsets = tokenize_with_image_offsets(tokenizer, text, tokens_per_image)
     labels = _assistant_labels(ids, offsets, spans)
     if all(lab == IGNORE_INDEX for lab in labels):
-        raise _err(sample_id, "no token falls inside the template's assistant (generation) text")
+        raise sample_error(sample_id, "no token falls inside the template's assistant (generation) text")
 
-    truncated = False
-    if max_length is not None and len(ids) > max_length:
-        if truncation == "skip":
-            raise _err(sample_id, f"{len(ids)} tokens, over max_length={max_length}", "overlong")
-        if IMAGE_TOKEN_ID in ids[max_length:]:
-            partial = ids[max_length - 1] == IMAGE_TOKEN_ID and ids[max_length] == IMAGE_TOKEN_ID
-            where = "inside an image's slots" if partial else "before an image's slots"
-            raise _err(
-                sample_id,
-                f"truncating {len(ids)} tokens to max_length={max_length} cuts {where}",
-                "image_truncated",
-            )
-        total = len(ids)
-        ids, labels = ids[:max_length], labels[:max_length]
-        if all(lab == IGNORE_INDEX for lab in labels):
-            raise _err(
-                sample_id,
-                f"truncating {total} tokens to max_length={max_length} leaves no assistant token",
-                "answer_truncated",
-            )
-        truncated = True
+    ids, labels, truncated = fit_length(ids, labels, max_length, truncation, sample_id, "assistant")
     return EncodedSample(input_ids=ids, labels=labels, num_images=n_placeholders, truncated=truncated)

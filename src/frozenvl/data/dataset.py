@@ -44,7 +44,16 @@ import torch
 
 from ..families.base import IMAGE_TOKEN_ID
 from ..vision.images import ImageError, ImagePreprocessor
-from .chat import IGNORE_INDEX, TRUNCATION_MODES, EncodedSample, SampleError, encode_conversation, to_messages
+from .chat import (
+    IGNORE_INDEX,
+    TRUNCATION_MODES,
+    EncodedSample,
+    SampleError,
+    encode_conversation,
+    fit_length,
+    sample_error,
+    to_messages,
+)
 from .prompt import IMAGE_PLACEHOLDER, tokenize_with_images
 
 __all__ = [
@@ -137,10 +146,6 @@ def read_records(path: str | os.PathLike[str]) -> list[tuple[Any, str]]:
 # --------------------------------------------------------------------------- interleaved documents
 
 
-def _sample_error(sample_id: str, message: str, kind: str = "bad_format") -> SampleError:
-    return SampleError(f"sample {sample_id!r}: {message}", kind=kind, sample_id=sample_id)
-
-
 def parse_document(document: Any, *, sample_id: str = "?") -> tuple[str, list[str]]:
     """A document's items -> (text with one ``<image>`` per image item, the image paths in order).
 
@@ -149,13 +154,13 @@ def parse_document(document: Any, *, sample_id: str = "?") -> tuple[str, list[st
     ``<image>`` itself raises kind "placeholder_mismatch" (images are given as items, never in text).
     """
     if not isinstance(document, (list, tuple)) or not document:
-        raise _sample_error(sample_id, "'document' must be a non-empty list of text and {\"image\": path} items")
+        raise sample_error(sample_id, "'document' must be a non-empty list of text and {\"image\": path} items")
     parts: list[str] = []
     images: list[str] = []
     for k, item in enumerate(document):
         if isinstance(item, str):
             if IMAGE_PLACEHOLDER in item:
-                raise _sample_error(
+                raise sample_error(
                     sample_id,
                     f"document item {k}: text contains {IMAGE_PLACEHOLDER}; images in a document are "
                     '{"image": path} items',
@@ -164,13 +169,13 @@ def parse_document(document: Any, *, sample_id: str = "?") -> tuple[str, list[st
             parts.append(item)
         elif isinstance(item, dict) and set(item) == {"image"} and isinstance(item["image"], str):
             if not item["image"].strip():
-                raise _sample_error(sample_id, f"document item {k}: empty image path")
+                raise sample_error(sample_id, f"document item {k}: empty image path")
             parts.append(IMAGE_PLACEHOLDER)
             images.append(item["image"])
         else:
             shown = repr(item)
             shown = shown if len(shown) <= 80 else shown[:77] + "..."
-            raise _sample_error(
+            raise sample_error(
                 sample_id, f'document item {k}: expected a string or {{"image": path}}, got {shown}'
             )
     return "".join(parts), images
@@ -221,25 +226,7 @@ def encode_document(
     labels = [IGNORE_INDEX] * len(prefix) + [IGNORE_INDEX if t == IMAGE_TOKEN_ID else t for t in body] + [eos]
     num_images = text.count(IMAGE_PLACEHOLDER)
 
-    truncated = False
-    if max_length is not None and len(ids) > max_length:
-        if truncation == "skip":
-            raise _sample_error(sample_id, f"{len(ids)} tokens, over max_length={max_length}", "overlong")
-        if IMAGE_TOKEN_ID in ids[max_length:]:
-            partial = ids[max_length - 1] == IMAGE_TOKEN_ID and ids[max_length] == IMAGE_TOKEN_ID
-            where = "inside an image's slots" if partial else "before an image's slots"
-            raise _sample_error(
-                sample_id, f"truncating {len(ids)} tokens to max_length={max_length} cuts {where}", "image_truncated"
-            )
-        total = len(ids)
-        ids, labels = ids[:max_length], labels[:max_length]
-        if all(lab == IGNORE_INDEX for lab in labels):
-            raise _sample_error(
-                sample_id,
-                f"truncating {total} tokens to max_length={max_length} leaves no text token",
-                "answer_truncated",
-            )
-        truncated = True
+    ids, labels, truncated = fit_length(ids, labels, max_length, truncation, sample_id, "text")
     return EncodedSample(input_ids=ids, labels=labels, num_images=num_images, truncated=truncated)
 
 
@@ -356,9 +343,9 @@ class ConversationDataset(torch.utils.data.Dataset):
             )
         if "document" in record:
             if "conversations" in record:
-                raise _sample_error(sample_id, "has both 'document' and 'conversations'; a sample is one or the other")
+                raise sample_error(sample_id, "has both 'document' and 'conversations'; a sample is one or the other")
             if "image" in record:
-                raise _sample_error(
+                raise sample_error(
                     sample_id,
                     "'image' is not used with 'document': images go in the document as {\"image\": path} items",
                 )
