@@ -25,6 +25,8 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from transformers.initialization import no_init_weights
+
 from ..config import ModelConfig, parse_workflow
 from ..families.base import LMParts
 from ..model import FrozenVLModel
@@ -174,31 +176,34 @@ def _standalone_llama(config, state: dict[str, torch.Tensor], dtype: torch.dtype
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
     )
-    causal = LlamaForCausalLM(text).to(dtype)
+    with no_init_weights():  # every weight is assigned below: skip the random init
+        causal = LlamaForCausalLM(text).to(dtype)
     # IDEFICS' text path has Llama's names; a tied checkpoint may store no separate lm_head.
-    ours = {name: state[name if name in state else "model.embed_tokens.weight"] for name in causal.state_dict()}
-    causal.load_state_dict(ours, strict=True)
+    ours = {name: state[name] for name in causal.state_dict() if name in state}
+    ours.setdefault("lm_head.weight", state["model.embed_tokens.weight"].clone())
+    causal.load_state_dict(ours, strict=True, assign=True)  # share IDEFICS' tensors: no second copy
     return causal.eval()
 
 
 def _standalone_clip(config, state: dict[str, torch.Tensor], dtype: torch.dtype) -> CLIPVisionModel:
     v = config.vision_config
-    clip = CLIPVisionModel(
-        CLIPVisionConfig(
-            hidden_size=v.embed_dim,
-            intermediate_size=v.intermediate_size,
-            num_hidden_layers=v.num_hidden_layers,
-            num_attention_heads=v.num_attention_heads,
-            num_channels=v.num_channels,
-            image_size=v.image_size,
-            patch_size=v.patch_size,
-            hidden_act=v.hidden_act,
-            layer_norm_eps=v.layer_norm_eps,
-        )
-    ).to(dtype)
+    with no_init_weights():
+        clip = CLIPVisionModel(
+            CLIPVisionConfig(
+                hidden_size=v.embed_dim,
+                intermediate_size=v.intermediate_size,
+                num_hidden_layers=v.num_hidden_layers,
+                num_attention_heads=v.num_attention_heads,
+                num_channels=v.num_channels,
+                image_size=v.image_size,
+                patch_size=v.patch_size,
+                hidden_act=v.hidden_act,
+                layer_norm_eps=v.layer_norm_eps,
+            )
+        ).to(dtype)
     prefix = "model.vision_model."
     ours = {name: state[prefix + name.removeprefix("vision_model.")] for name in clip.state_dict()}
-    clip.load_state_dict(ours, strict=True)
+    clip.load_state_dict(ours, strict=True, assign=True)
     return clip.eval()
 
 
