@@ -347,3 +347,12 @@ def test_cli_import_idefics(tmp_path, bases):
     llm_dir, _ = bases("llama", "clip")
     bad = runner.invoke(app, ["import", "idefics", llm_dir, str(tmp_path / "out2")])
     assert bad.exit_code == 2 and "not an IDEFICS" in bad.output
+
+
+def test_models_loaded_in_inference_mode_skip_the_image_cache(bases, images):
+    llm, vis = bases("llama", "clip")
+    with torch.inference_mode():
+        model = frozenvl.build(llm, vis, workflows={"mm": {"family": "cross_attention", "every": 1, **SMALL}})
+        a = model.generate(prompt="<image> what", images=[images[0]], task="mm", max_new_tokens=3, eos_token_id=[])
+        b = model.generate(prompt="<image> what", images=[images[0]], task="mm", max_new_tokens=3, eos_token_id=[])
+    assert torch.equal(a, b) and len(model.encoded_images._store) == 0

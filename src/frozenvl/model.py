@@ -71,10 +71,11 @@ class EncodedImageCache:
         self._store.clear()
 
     def get(self, task: str, modules: Sequence[nn.Module], pixel_values: torch.Tensor, encode) -> torch.Tensor:
-        if self.size <= 0:
-            return encode(pixel_values)
+        params = [p for m in modules for p in m.parameters()]
+        if self.size <= 0 or any(p.is_inference() for p in params):
+            return encode(pixel_values)  # inference tensors keep no version counter: changes would go unseen
         # storage address + in-place version of every weight: moving, casting or updating any is a miss
-        version = tuple((p.data_ptr(), p._version) for m in modules for p in m.parameters())
+        version = tuple((p.data_ptr(), p._version) for p in params)
         keys = [(task, version, _digest(px)) for px in pixel_values]
         first = {k: i for i, k in reversed(list(enumerate(keys)))}  # an image given twice is encoded once
         missing = [i for k, i in first.items() if k not in self._store]
