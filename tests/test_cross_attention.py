@@ -356,3 +356,44 @@ def test_models_loaded_in_inference_mode_skip_the_image_cache(bases, images):
         a = model.generate(prompt="<image> what", images=[images[0]], task="mm", max_new_tokens=3, eos_token_id=[])
         b = model.generate(prompt="<image> what", images=[images[0]], task="mm", max_new_tokens=3, eos_token_id=[])
     assert torch.equal(a, b) and len(model.encoded_images._store) == 0
+
+
+def test_training_on_interleaved_documents(bases, tmp_path):
+    """frozenvl.train on a file mixing documents (several images each) and conversations: the loss
+    falls, gates leave zero, the base is untouched and the run dir loads with the new tokens."""
+    import json
+
+    from PIL import Image
+
+    from frozenvl.train import train
+
+    llm, vis = bases("llama", "clip")
+    (tmp_path / "images").mkdir()
+    colours = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220)}
+    for name, rgb in colours.items():
+        Image.new("RGB", (32, 32), rgb).save(tmp_path / "images" / f"{name}.png")
+    records = []
+    for i in range(8):
+        a, b = list(colours)[i % 3], list(colours)[(i + 1) % 3]
+        records.append({"id": f"d{i}", "document": [
+            "look: ", {"image": f"images/{a}.png"}, f" a {a} square.<|endofchunk|>",
+            {"image": f"images/{b}.png"}, f" a {b} square.<|endofchunk|>"]})
+        records.append({"id": f"c{i}", "image": f"images/{a}.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat colour"}, {"from": "gpt", "value": a}]})
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    cfg = {
+        "llm": llm, "vision": vis, "output_dir": str(tmp_path / "run"),
+        "workflow": {"name": "mm", "family": "cross_attention", "every": 1, **SMALL},
+        "data": {"train": str(tmp_path / "train.json"), "max_length": 128},
+        "stages": [{"name": "s", "train": ["resampler", "xattn", "tokens"], "lr": 3e-3, "steps": 10,
+                    "batch_size": 4, "warmup_ratio": 0.0, "schedule": "constant"}],
+        "log_every": 1, "seed": 0,
+    }
+    res = train(cfg, show_progress=False)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert res.base_unchanged and rows[-1]["loss"] < rows[0]["loss"]
+    model = frozenvl.load(tmp_path / "run")
+    assert all(float(b.attn_gate.detach().abs().max()) > 0 for b in model.workflow("mm").blocks.values())
+    out = model.generate(prompt="look: <image> a", images=[str(tmp_path / "images" / "red.png")], task="mm",
+                         max_new_tokens=4)
+    assert out.shape[0] == 1
