@@ -241,7 +241,9 @@ class CrossAttentionFamily(Family):
         self.token_head = nn.Parameter(base_head.detach().float().mean(0).repeat(k, 1).to(dtype))
         self.register_buffer("token_ids", torch.full((k,), -1, dtype=torch.long), persistent=False)
         self.base_vocab = base_embed.shape[0]
-        self._appended = False
+        self._ids_set = False
+        self._appended = False  # ids right after the base vocabulary
+        self._out_size = self.base_vocab  # logits width
 
     # ---- tokens --------------------------------------------------------------------------------
     def extra_tokens(self) -> list[str]:
@@ -252,7 +254,9 @@ class CrossAttentionFamily(Family):
         if len(ids) != len(self.cfg.extra_tokens):
             raise ValueError(f"{len(ids)} ids for {len(self.cfg.extra_tokens)} extra tokens")
         self.token_ids = torch.tensor(ids, dtype=torch.long, device=self.token_embed.device)
+        self._ids_set = True
         self._appended = ids == list(range(self.base_vocab, self.base_vocab + len(ids)))
+        self._out_size = max(self.base_vocab, max(ids) + 1)
 
     def parts(self) -> dict[str, list[nn.Parameter]]:
         parts = super().parts()
@@ -272,7 +276,7 @@ class CrossAttentionFamily(Family):
 
     # ---- the forward pass ----------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
-        if int(self.token_ids[0]) < 0:
+        if not self._ids_set:
             raise RuntimeError("cross_attention token ids are not set: attach the workflow to a model (or call set_token_ids)")
         is_image = input_ids == IMAGE_TOKEN_ID
         n_images = 0 if image_embeds is None else image_embeds.shape[0]
@@ -296,9 +300,8 @@ class CrossAttentionFamily(Family):
             return torch.cat([base, extra], dim=-1)
         # Ids inside the base vocabulary range (a tokenizer shorter than the embedding table) take the
         # new rows' logits; ids beyond it extend the output.
-        size = max(base.shape[-1], int(self.token_ids.max()) + 1)
-        if size > base.shape[-1]:
-            base = F.pad(base, (0, size - base.shape[-1]), value=torch.finfo(base.dtype).min)
+        if self._out_size > base.shape[-1]:
+            base = F.pad(base, (0, self._out_size - base.shape[-1]), value=torch.finfo(base.dtype).min)
         return base.index_copy(-1, self.token_ids, extra)
 
     def decode(self, h: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
