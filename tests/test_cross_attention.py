@@ -397,3 +397,21 @@ def test_training_on_interleaved_documents(bases, tmp_path):
     out = model.generate(prompt="look: <image> a", images=[str(tmp_path / "images" / "red.png")], task="mm",
                          max_new_tokens=4)
     assert out.shape[0] == 1
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(bases, images):
+    model = _build(bases)
+    perturb(model, "mm", scale=0.2)
+    family = model.workflow("mm")
+    inputs = model.prepare_inputs(["<image> a red <image> circle"], [images[:2]], task="mm")
+    grads = []
+    for gc in (False, True):
+        family.gradient_checkpointing = gc
+        model.train()
+        model.zero_grad()
+        loss = model(**inputs, labels=inputs["input_ids"].clamp(min=0), task="mm").loss
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in family.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)
