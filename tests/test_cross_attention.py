@@ -415,3 +415,23 @@ def test_gradient_checkpointing_gives_the_same_gradients(bases, images):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)
+
+
+def test_videos_as_multi_frame_media(bases, images):
+    model = _build(bases, resampler_max_frames=3)
+    perturb(model, "mm", scale=0.2)
+    still = model.pixel_values(images, "mm")  # [3, 3, H, W]
+    video = torch.stack([still, still.flip(0)])  # two media of 3 frames each
+    ids = model.prepare_inputs("clip one <image> and clip two <image> what happens",
+                               [images[0], images[1]], task="mm")["input_ids"]
+    with torch.no_grad():
+        a = model(ids, task="mm", pixel_values=video).logits
+        b = model(ids, task="mm", pixel_values=video[:, [1, 0, 2]]).logits  # frame order matters
+        out = model.generate(ids, pixel_values=video, task="mm", max_new_tokens=4, eos_token_id=[])
+        full = model.generate(ids, pixel_values=video, task="mm", max_new_tokens=4, eos_token_id=[], use_cache=False)
+    assert (a - b).abs().max() > 1e-4 and torch.equal(out, full)
+    with pytest.raises(ValueError, match="at most 3"):
+        model(ids, task="mm", pixel_values=torch.cat([video, video[:, :1]], 1))
+    plain = _build(bases)
+    with pytest.raises(ValueError, match="resampler_max_frames"):
+        plain(ids, task="mm", pixel_values=video)

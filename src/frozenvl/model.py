@@ -263,8 +263,19 @@ class FrozenVLModel(nn.Module):
         if not family.uses_images:
             raise ValueError(f"workflow {task!r} ({family.cfg.family}) takes no images")
 
+        frames = pixel_values.shape[1] if pixel_values.dim() == 5 else None  # [n, frames, 3, H, W]: videos
+        if frames is not None and frames > family.max_frames():
+            raise ValueError(
+                f"pixel_values of shape {tuple(pixel_values.shape)} hold {frames} frames per medium; workflow "
+                f"{task!r} ({family.cfg.family}) takes at most {family.max_frames()}"
+                + (" (cross_attention: set resampler_max_frames)" if family.cfg.family == "cross_attention" else "")
+            )
+
         def encode(pixels: torch.Tensor) -> torch.Tensor:
-            feats = self.vision(pixels, select_layer=family.cfg.select_layer, keep_cls=family.cfg.keep_cls)
+            flat = pixels.flatten(0, 1) if frames is not None else pixels
+            feats = self.vision(flat, select_layer=family.cfg.select_layer, keep_cls=family.cfg.keep_cls)
+            if frames is not None:
+                feats = feats.view(pixels.shape[0], frames, *feats.shape[1:])
             return family.encode_images(feats)
 
         if torch.is_grad_enabled() or pixel_values.shape[0] == 0:

@@ -148,6 +148,10 @@ class Family(nn.Module):
         """How many placeholder positions one image occupies in input_ids (0: images are not in the sequence)."""
         return self.connector.num_tokens(num_vision_tokens) if self.connector is not None else 0
 
+    def max_frames(self) -> int:
+        """Frames one medium may have (pixel_values [n, frames, 3, H, W]); 0: still images only."""
+        return 0
+
     def encode_images(self, features: torch.Tensor) -> torch.Tensor:
         """Vision features [n_images, N, vis] -> what the family consumes (default: connector output)."""
         return self.connector(features.to(self.connector.linear_1.weight.dtype))

@@ -270,8 +270,12 @@ class CrossAttentionFamily(Family):
     def image_tokens_per_image(self, num_vision_tokens: int) -> int:
         return 1  # the <image> token; the media go to the cross-attention
 
+    def max_frames(self) -> int:
+        return (self.cfg.resampler_max_frames or 0) if self.resampler is not None else 0
+
     def encode_images(self, features: torch.Tensor) -> torch.Tensor:
-        """Vision features [n, N, vis] -> media [n, L, vis] (resampler latents, or the features)."""
+        """Vision features [n, N, vis] (or [n, frames, N, vis] for videos) -> media [n, L, vis]
+        (resampler latents, or the features)."""
         return self.resampler(features) if self.resampler is not None else features.to(self.token_embed.dtype)
 
     # ---- the forward pass ----------------------------------------------------------------------
