@@ -23,6 +23,19 @@ def fmt_load(load: tuple[float, float, float] | None) -> str:
     return "n/a" if load is None else "/".join(f"{x:.1f}" for x in load)
 
 
+def print_load_footer(t_start: float, load_start: tuple[float, float, float] | None, threads: int) -> None:
+    """Total time and the load average at start and end; a warning when other work competed for the CPU."""
+    import time
+
+    load_end = load_average()
+    print(f"total time {time.perf_counter() - t_start:.0f}s; load average (1/5/15 min) at start "
+          f"{fmt_load(load_start)}, at end {fmt_load(load_end)}")
+    busy = [load[1] for load in (load_start, load_end) if load is not None]  # 5-minute averages
+    if busy and max(busy) > threads + 0.5:
+        print(f"warning: other processes competed for the CPU (load average above the {threads} thread(s) used): "
+              "timings are noisy; trust the 'best' columns, re-run with more --repeats or on an idle machine")
+
+
 def print_table(title: str, headers: list[str], rows: list[list[str]], left: tuple[str, ...] = ()) -> None:
     """A rich table, wide enough for a log file; the first column and those in `left` align left."""
     from rich.console import Console

@@ -59,7 +59,7 @@ warnings.filterwarnings("ignore")
 import frozenvl  # noqa: E402
 from frozenvl.importers.peft_adaption_prompt import import_peft_adaption_prompt  # noqa: E402
 from frozenvl.tiny import build_llm, build_tokenizer  # noqa: E402
-from _common import fmt_load, load_average, n_params, print_table  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import load_average, n_params, print_load_footer, print_table  # noqa: E402  (benchmarks/ is on sys.path)
 
 PROMPT = "You are a helpful assistant that can see images. Describe the image in one sentence."
 WORKFLOW = "ap"
@@ -258,13 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in sides:
         print(f"  {s.name:>12}: " + ", ".join(f"{w:.3f} ({c:.3f})" for w, c in zip(s.wall, s.cpu)))
 
-    load_end = load_average()
-    print(f"total time {time.perf_counter() - t_start:.0f}s; load average (1/5/15 min) at start "
-          f"{fmt_load(load_start)}, at end {fmt_load(load_end)}")
-    busy = [load[1] for load in (load_start, load_end) if load is not None]
-    if busy and max(busy) > args.threads + 0.5:
-        print(f"warning: other processes competed for the CPU (load average above the {args.threads} thread(s) "
-              "used): timings are noisy; trust the 'best' columns, re-run with more --repeats on an idle machine")
+    print_load_footer(t_start, load_start, args.threads)
 
     same = torch.equal(fz.tokens, pe.tokens)
     if same:

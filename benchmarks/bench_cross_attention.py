@@ -67,7 +67,7 @@ import frozenvl  # noqa: E402
 from frozenvl.families.base import IMAGE_TOKEN_ID  # noqa: E402
 from frozenvl.importers import import_idefics  # noqa: E402
 from frozenvl.tiny import build_tiny_idefics  # noqa: E402
-from _common import fmt_load, load_average, n_params, print_table  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import load_average, n_params, print_load_footer, print_table  # noqa: E402  (benchmarks/ is on sys.path)
 
 WORKFLOW = "mm"
 TARGET = 1.5  # frozenvl / IDEFICS decode tokens/s at 4 images (the target)
@@ -331,13 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             full = ", ".join(f"{w:.3f} ({p:.3f})" for w, p in zip(s.full, s.full_cpu))
             print(f"  {c.images} image(s) {s.name:>8}: {one} | {full}")
 
-    load_end = load_average()
-    print(f"total time {time.perf_counter() - t_start:.0f}s; load average (1/5/15 min) at start "
-          f"{fmt_load(load_start)}, at end {fmt_load(load_end)}")
-    busy = [load[1] for load in (load_start, load_end) if load is not None]
-    if busy and max(busy) > args.threads + 0.5:
-        print(f"warning: other processes competed for the CPU (load average above the {args.threads} thread(s) "
-              "used): timings are noisy; trust the 'best' columns, re-run with more --repeats on an idle machine")
+    print_load_footer(t_start, load_start, args.threads)
     ok = all(c.same for c in cases)
     print("correctness: frozenvl and IDEFICS generated identical greedy tokens for every image count" if ok
           else "correctness: TOKENS DIFFER between frozenvl and IDEFICS (see above)")

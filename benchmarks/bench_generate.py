@@ -59,7 +59,7 @@ import frozenvl  # noqa: E402
 from frozenvl.data.prompt import left_pad  # noqa: E402
 from frozenvl.families.base import IMAGE_TOKEN_ID  # noqa: E402
 from frozenvl.tiny import build_tokenizer, build_vision  # noqa: E402
-from _common import fmt_load, load_average, n_params, print_table  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import load_average, n_params, print_load_footer, print_table  # noqa: E402  (benchmarks/ is on sys.path)
 
 # Prompts of different lengths (batch 4 uses all four, batch 1 the first). For `mm`, each row is
 # "<chunk before the image>" + image slots + "<chunk after>", LLaVA-1.5 style.
@@ -362,13 +362,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     report(rows, new_tokens, targets)
-    load_end = load_average()
-    print(f"total time {time.perf_counter() - t_start:.0f}s; load average (1/5/15 min) at start "
-          f"{fmt_load(load_start)}, at end {fmt_load(load_end)}")
-    busy = [load[1] for load in (load_start, load_end) if load is not None]  # 5-minute averages
-    if busy and max(busy) > threads + 0.5:
-        print(f"warning: other processes competed for the CPU (load average above the {threads} thread(s) used): "
-              "timings are noisy; trust the 'best' columns, re-run with more --repeats or on an idle machine")
+    print_load_footer(t_start, load_start, threads)
     ok = all(r.same_tokens for r in rows)
     print("correctness: frozenvl and transformers generated identical greedy tokens in every row" if ok
           else "correctness: TOKENS DIFFER in some row (see above)")

@@ -65,6 +65,15 @@ def sample_error(sample_id: str, message: str, kind: str = "bad_format") -> Samp
     return SampleError(f"sample {sample_id!r}: {message}", kind=kind, sample_id=sample_id)
 
 
+def check_encoding_args(max_length: int | None, truncation: str, tokens_per_image: int) -> None:
+    if truncation not in TRUNCATION_MODES:
+        raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
+    if max_length is not None and max_length <= 0:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    if tokens_per_image < 0:
+        raise ValueError(f"tokens_per_image must be >= 0, got {tokens_per_image}")
+
+
 def fit_length(
     ids: list[int], labels: list[int], max_length: int | None, truncation: str, sample_id: str, what: str
 ) -> tuple[list[int], list[int], bool]:
@@ -276,12 +285,7 @@ def encode_conversation(
     image runs, or images with no slots left, are never produced) or leaves no labelled token
     (kind "answer_truncated").
     """
-    if truncation not in TRUNCATION_MODES:
-        raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
-    if max_length is not None and max_length <= 0:
-        raise ValueError(f"max_length must be positive, got {max_length}")
-    if tokens_per_image < 0:
-        raise ValueError(f"tokens_per_image must be >= 0, got {tokens_per_image}")
+    check_encoding_args(max_length, truncation, tokens_per_image)
     if not messages:
         raise sample_error(sample_id, "empty conversation")
     if num_images is not None:

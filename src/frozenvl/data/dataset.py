@@ -46,9 +46,9 @@ from ..families.base import IMAGE_TOKEN_ID
 from ..vision.images import ImageError, ImagePreprocessor
 from .chat import (
     IGNORE_INDEX,
-    TRUNCATION_MODES,
     EncodedSample,
     SampleError,
+    check_encoding_args,
     encode_conversation,
     fit_length,
     sample_error,
@@ -210,12 +210,7 @@ def encode_document(
     ``max_length`` unless the cut drops any image slot (kind "image_truncated") or leaves no
     labelled token (kind "answer_truncated").
     """
-    if truncation not in TRUNCATION_MODES:
-        raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
-    if max_length is not None and max_length <= 0:
-        raise ValueError(f"max_length must be positive, got {max_length}")
-    if tokens_per_image < 0:
-        raise ValueError(f"tokens_per_image must be >= 0, got {tokens_per_image}")
+    check_encoding_args(max_length, truncation, tokens_per_image)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos token: interleaved documents end with one")
