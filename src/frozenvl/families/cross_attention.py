@@ -327,15 +327,7 @@ class CrossAttentionFamily(Family):
         media = ctx.state.get("image_embeds")
         if media is not None and media.shape[0] == 0:
             media = None
-        store: dict[str, Any] | None = None
-        if ctx.cache is not None:
-            outer = getattr(ctx.cache, CACHE_STATE_ATTR, None)
-            if outer is None:
-                outer = {}
-                setattr(ctx.cache, CACHE_STATE_ATTR, outer)
-            store = outer.setdefault(STATE_KEY, {"kv": {}, "seen": None, "count": None, "slots": 0})
-        else:
-            store = {"kv": {}, "seen": None, "count": None, "slots": 0}
+        store = self._media_store(ctx)
         device = ctx.position_ids.device
         is_image = ctx.image_mask if ctx.image_mask is not None else torch.zeros_like(ctx.position_ids, dtype=torch.bool)
         if media is not None:
@@ -351,7 +343,7 @@ class CrossAttentionFamily(Family):
             # slot of each image inside its row: its rank among that row's images (images come in row order)
             first = torch.cumsum(count, 0) - count
             slot = torch.arange(len(rows), device=device) - first[rows]
-            store["count"], store["slots"] = count, int(count.max())
+            store["count"], store["slots"], store["length"] = count, int(count.max()), media.shape[1]
             store["flat_index"] = rows * store["slots"] + slot
             in_call = is_image.sum(-1)
             if not torch.equal(in_call, count):
@@ -363,13 +355,12 @@ class CrossAttentionFamily(Family):
         store["seen"] = latest[:, -1] + 1 if latest.shape[1] else seen
         count = store["count"]
         has_media = media is not None or bool(store["kv"])
-        st: dict[str, Any] = {"media": media, "kv": store["kv"], "store": store, "mask": None,
-                              "sees_image": latest >= 0, "row_on": None, "current": None}
+        st: dict[str, Any] = {"media": media, "store": store, "mask": None, "sees_image": latest >= 0,
+                              "row_on": None, "current": None}
         if self.cfg.skip_rows_without_images:
             st["row_on"] = count > 0 if count is not None else torch.zeros(batch, dtype=torch.bool, device=device)
         if has_media:
-            slots = store["slots"]
-            length = media.shape[1] if media is not None else next(iter(store["kv"].values()))[0].shape[2] // slots
+            slots, length = store["slots"], store["length"]
             no_new_images = not bool(is_image.any())
             if self.cfg.media_attention == "latest" and no_new_images:
                 # Every token of the call sees its row's latest image: attend to that image's keys alone.
@@ -389,6 +380,18 @@ class CrossAttentionFamily(Family):
         st["layer_kv"] = {i: self._layer_kv(i, st) for i in self.block_layers} if has_media else {}
         ctx.state[STATE_KEY] = st
 
+    @staticmethod
+    def _media_store(ctx: DecodeContext) -> dict[str, Any]:
+        """The per-sequence media facts: on the KV cache when there is one, else for this call only."""
+        fresh = {"kv": {}, "seen": None, "count": None, "slots": 0, "length": 0}
+        if ctx.cache is None:
+            return fresh
+        outer = getattr(ctx.cache, CACHE_STATE_ATTR, None)
+        if outer is None:
+            outer = {}
+            setattr(ctx.cache, CACHE_STATE_ATTR, outer)
+        return outer.setdefault(STATE_KEY, fresh)
+
     def _layer_kv(self, idx: int, st: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Block `idx`'s keys/values for the call: every row's image slots [B, heads, slots * L, hd],
         or, when `current` is set, each row's latest image only [B, heads, L, hd]."""
@@ -396,7 +399,7 @@ class CrossAttentionFamily(Family):
         if idx not in store["kv"]:
             k, v = self.blocks[str(idx)].media_kv(st["media"])  # once per image, whatever rows use it
             batch, slots = store["count"].shape[0], store["slots"]
-            n, heads, length, hd = k.shape
+            _, heads, length, hd = k.shape
 
             def to_rows(x: torch.Tensor) -> torch.Tensor:
                 out = x.new_zeros(batch * slots, heads, length, hd).index_copy(0, store["flat_index"], x)
@@ -410,8 +413,8 @@ class CrossAttentionFamily(Family):
         memo = store.setdefault("current_kv", {})
         key = (idx, tuple(current.tolist()))
         if key not in memo:
-            batch, heads, total, hd = k.shape
-            length = total // store["slots"]
+            batch, heads, _, hd = k.shape
+            length = store["length"]
             pick = current.view(batch, 1, 1, 1, 1).expand(batch, heads, 1, length, hd)
             memo[key] = tuple(x.view(batch, heads, store["slots"], length, hd).gather(2, pick).squeeze(2) for x in (k, v))
         return memo[key]
