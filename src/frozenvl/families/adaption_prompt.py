@@ -57,12 +57,11 @@ from torch import nn
 
 from ..config import ConfigError, WorkflowConfig
 from ..vision.connectors import build_connector
-from .base import IMAGE_TOKEN_ID, DecodeContext, Family, self_attention
+from .base import IMAGE_TOKEN_ID, DecodeContext, Family, cache_state, self_attention
 
 GATE_MODES = ("scalar", "per_head", "per_head_tanh")
 VISUAL_MODES = ("none", "v1", "v2")
 POOL_MODES = ("mean", "cls")
-CACHE_STATE_ATTR = "frozenvl_state"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,15 +116,11 @@ def per_row_visual(key: str, ctx: DecodeContext, batch: int) -> torch.Tensor | N
     """The per-row visual prompt of this call: from this call's image embeddings (and then kept on the
     KV cache, under ``key``, for the decode steps that follow), or read back from the cache."""
     embeds = ctx.state.get("image_embeds")
-    store = getattr(ctx.cache, CACHE_STATE_ATTR, None) if ctx.cache is not None else None
     if embeds is None or embeds.shape[0] == 0:
-        return store.get(key) if store is not None else None
+        return cache_state(ctx.cache).get(key) if ctx.cache is not None else None
     visual = visual_prompt_per_row(embeds, batch, ctx.state.get("image_rows"))
     if ctx.cache is not None:
-        if store is None:
-            store = {}
-            setattr(ctx.cache, CACHE_STATE_ATTR, store)
-        store[key] = visual
+        cache_state(ctx.cache)[key] = visual
     return visual
 
 
@@ -372,11 +367,7 @@ class AdaptionPromptFamily(Family):
         on the (fixed) prompts and visual prompt, so inference computes them once per call."""
         if ctx.cache is None or torch.is_grad_enabled():
             return None
-        state = getattr(ctx.cache, CACHE_STATE_ATTR, None)
-        if state is None:
-            state = {}
-            setattr(ctx.cache, CACHE_STATE_ATTR, state)
-        return state.setdefault(f"{self.name}.prompt_kv", {})
+        return cache_state(ctx.cache).setdefault(f"{self.name}.prompt_kv", {})
 
     def prompt_attention(self, idx: int, attn: Any, q: torch.Tensor, visual: torch.Tensor | None,
                          memo: dict | None = None) -> torch.Tensor:

@@ -70,6 +70,19 @@ class LMParts:
         self.num_layers = len(self.layers)
 
 
+CACHE_STATE_ATTR = "frozenvl_state"
+
+
+def cache_state(cache: DynamicCache) -> dict[str, Any]:
+    """Family state kept on a KV cache object between the calls of one generation (visual prompts,
+    media keys/values, ...), created empty on first use; keys are prefixed with the family's name."""
+    state = getattr(cache, CACHE_STATE_ATTR, None)
+    if state is None:
+        state = {}
+        setattr(cache, CACHE_STATE_ATTR, state)
+    return state
+
+
 @dataclass
 class DecodeContext:
     """What every layer of one forward pass sees."""

@@ -47,8 +47,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from ..config import ConfigError, WorkflowConfig
 from ..vision.perceiver import ACTIVATIONS, PerceiverResampler
-from .adaption_prompt import CACHE_STATE_ATTR
-from .base import IMAGE_TOKEN_ID, DecodeContext, Family
+from .base import IMAGE_TOKEN_ID, DecodeContext, Family, cache_state
 
 STYLES = ("openflamingo", "idefics")
 MEDIA_ATTENTION = ("latest", "all_previous")
@@ -384,13 +383,7 @@ class CrossAttentionFamily(Family):
     def _media_store(ctx: DecodeContext) -> dict[str, Any]:
         """The per-sequence media facts: on the KV cache when there is one, else for this call only."""
         fresh = {"kv": {}, "seen": None, "count": None, "slots": 0, "length": 0}
-        if ctx.cache is None:
-            return fresh
-        outer = getattr(ctx.cache, CACHE_STATE_ATTR, None)
-        if outer is None:
-            outer = {}
-            setattr(ctx.cache, CACHE_STATE_ATTR, outer)
-        return outer.setdefault(STATE_KEY, fresh)
+        return fresh if ctx.cache is None else cache_state(ctx.cache).setdefault(STATE_KEY, fresh)
 
     def _layer_kv(self, idx: int, st: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Block `idx`'s keys/values for the call: every row's image slots [B, heads, slots * L, hd],
