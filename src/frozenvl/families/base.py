@@ -27,7 +27,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from ..config import WorkflowConfig
+from ..config import ConfigError, WorkflowConfig
 from ..vision.connectors import build_connector
 
 # Placeholder id written into input_ids where vision tokens go (LLaVA's convention: a negative id
@@ -68,6 +68,13 @@ class LMParts:
         self.lm_head: nn.Module = causal_lm.get_output_embeddings()
         self.layer_types = layer_types(self.config)
         self.num_layers = len(self.layers)
+
+
+def check_layer_indices(layers: list[int], num_layers: int, what: str, *, allow_empty: bool = False) -> list[int]:
+    """`layers` sorted, or a ConfigError unless they are distinct decoder-layer indices (and not none)."""
+    if any(not 0 <= i < num_layers for i in layers) or len(set(layers)) != len(layers) or not (layers or allow_empty):
+        raise ConfigError(f"{what} layers {layers}: need distinct indices in [0, {num_layers - 1}]")
+    return sorted(layers)
 
 
 CACHE_STATE_ATTR = "frozenvl_state"

@@ -43,7 +43,7 @@ from .adaption_prompt import (
     per_row_visual,
     repeat_kv_heads,
 )
-from .base import DecodeContext, Family, decoder_block
+from .base import DecodeContext, Family, check_layer_indices, decoder_block
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 BANK_KEY = "features"
@@ -209,10 +209,7 @@ class BindFamily(Family):
             raise ConfigError("bind needs a vision encoder")
         conf = self.lm.config
         n = self.lm.num_layers
-        layers = list(range(n)) if cfg.layers == "all" else list(cfg.layers)
-        if any(not 0 <= i < n for i in layers) or len(set(layers)) != len(layers) or not layers:
-            raise ConfigError(f"bind layers {cfg.layers}: need distinct indices in [0, {n - 1}]")
-        self.bound = sorted(layers)
+        self.bound = check_layer_indices(list(range(n)) if cfg.layers == "all" else list(cfg.layers), n, "bind")
         self.layers_replaced = frozenset(self.bound)
         hidden, heads, dtype = conf.hidden_size, conf.num_attention_heads, llm.dtype
         self.num_heads = heads

@@ -47,7 +47,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from ..config import ConfigError, WorkflowConfig
 from ..vision.perceiver import ACTIVATIONS, PerceiverResampler
-from .base import IMAGE_TOKEN_ID, DecodeContext, Family, cache_state
+from .base import IMAGE_TOKEN_ID, DecodeContext, Family, cache_state, check_layer_indices
 
 STYLES = ("openflamingo", "idefics")
 MEDIA_ATTENTION = ("latest", "all_previous")
@@ -107,10 +107,7 @@ class CrossAttentionConfig(WorkflowConfig):
 
     def block_layers(self, num_layers: int) -> list[int]:
         if self.layers is not None:
-            layers = sorted(self.layers)
-            if any(not 0 <= i < num_layers for i in layers) or len(set(layers)) != len(layers) or not layers:
-                raise ConfigError(f"cross_attention layers {self.layers}: need distinct indices in [0, {num_layers - 1}]")
-            return layers
+            return check_layer_indices(list(self.layers), num_layers, "cross_attention")
         offset = 1 if self.style == "openflamingo" else 0
         layers = [i for i in range(num_layers) if (i + offset) % self.every == 0]
         if not layers:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, WorkflowConfig
-from .base import DecodeContext, Family, call_layer
+from .base import DecodeContext, Family, call_layer, check_layer_indices
 
 # The released IAA-14 insertion pattern on a 32-layer Llama-3-8B: pairs every 5 layers.
 IAA14_LAYERS_32 = (0, 1, 5, 6, 10, 11, 15, 16, 20, 21, 25, 26, 30, 31)
@@ -53,10 +53,7 @@ class InnerAdaptorFamily(Family):
         super().__init__(cfg, llm, vision_hidden)
         n = self.lm.num_layers
         layers = cfg.layers if cfg.layers is not None else default_insertion_layers(n)
-        bad = [i for i in layers if not 0 <= i < n]
-        if bad or len(set(layers)) != len(layers):
-            raise ConfigError(f"inner_adaptor layers {layers}: need distinct indices in [0, {n - 1}]")
-        cfg.layers = sorted(layers)
+        cfg.layers = check_layer_indices(layers, n, "inner_adaptor", allow_empty=True)
         self.layers_after = frozenset(cfg.layers)
         self.adaptors = nn.ModuleDict()
         for k, i in enumerate(cfg.layers):
