@@ -130,8 +130,8 @@ class GatedCrossAttentionBlock(nn.Module):
         inner = self.heads * self.head_dim
         eps = getattr(llm_config, "rms_norm_eps", 1e-6)
         if cfg.style == "idefics":
-            self.attn_norm = LlamaRMSNorm(d, eps=eps)
-            self.ff_norm = LlamaRMSNorm(d, eps=eps)
+            self.attn_norm = LlamaRMSNorm(d, eps=eps).to(dtype)
+            self.ff_norm = LlamaRMSNorm(d, eps=eps).to(dtype)
             self.gate_proj = nn.Linear(d, llm_config.intermediate_size, bias=False, dtype=dtype)
             self.up_proj = nn.Linear(d, llm_config.intermediate_size, bias=False, dtype=dtype)
             self.down_proj = nn.Linear(llm_config.intermediate_size, d, bias=False, dtype=dtype)
@@ -143,8 +143,6 @@ class GatedCrossAttentionBlock(nn.Module):
             self.fc2 = nn.Linear(d * cfg.ff_mult, d, bias=False, dtype=dtype)
             self.act = nn.GELU()
         self.swiglu = cfg.style == "idefics"
-        self.attn_norm.to(dtype)
-        self.ff_norm.to(dtype)
         self.q_proj = nn.Linear(d, inner, bias=False, dtype=dtype)
         self.k_proj = nn.Linear(media_dim, inner, bias=False, dtype=dtype)
         self.v_proj = nn.Linear(media_dim, inner, bias=False, dtype=dtype)
@@ -179,7 +177,8 @@ class GatedCrossAttentionBlock(nn.Module):
         row_on: torch.Tensor | None,
     ) -> torch.Tensor:
         """h [B, T, d]; kv [B, heads, S, head_dim] each; mask additive [B, 1, T, S] or None;
-        sees_image [B, T] (False: the token's attention output is zero); row_on [B] (InfiMM) or None."""
+        sees_image [B, T] (False: the token's attention output is zero); row_on [B] (InfiMM: False turns
+        the row's feed-forward branch off too) or None."""
         if kv is not None:
             b, t, _ = h.shape
             x = self.attn_norm(h)
@@ -189,9 +188,8 @@ class GatedCrossAttentionBlock(nn.Module):
             k, v = kv
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)
             out = self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+            # zero for tokens with no image yet, so also for every token of a row without images
             out = out.masked_fill(~sees_image.unsqueeze(-1), 0.0)
-            if row_on is not None:
-                out = out * row_on.view(-1, 1, 1).to(out.dtype)
             h = h + torch.tanh(self.attn_gate) * out
         ff = self.feed_forward(self.ff_norm(h))
         if row_on is not None:
