@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections import OrderedDict
@@ -265,10 +266,11 @@ class FrozenVLModel(nn.Module):
 
         frames = pixel_values.shape[1] if pixel_values.dim() == 5 else None  # [n, frames, 3, H, W]: videos
         if frames is not None and frames > family.max_frames():
+            options = [f.name for f in dataclasses.fields(family.cfg) if f.name.endswith("max_frames")]
             raise ValueError(
                 f"pixel_values of shape {tuple(pixel_values.shape)} hold {frames} frames per medium; workflow "
                 f"{task!r} ({family.cfg.family}) takes at most {family.max_frames()}"
-                + (" (cross_attention: set resampler_max_frames)" if family.cfg.family == "cross_attention" else "")
+                + (f" (its config option: {', '.join(options)})" if options else "")
             )
 
         def encode(pixels: torch.Tensor) -> torch.Tensor:
