@@ -304,11 +304,11 @@ def encode_conversation(
     if not has_assistant:
         raise sample_error(sample_id, "no assistant turn, nothing to learn")
     if not spans:
-        raise SampleError(
-            f"sample {sample_id!r}: the chat template marked no assistant text; assistant-only labels need "
-            "a chat template whose assistant turns are wrapped in {% generation %}...{% endgeneration %}",
-            kind="template",
-            sample_id=sample_id,
+        raise sample_error(
+            sample_id,
+            "the chat template marked no assistant text; assistant-only labels need a chat template whose "
+            "assistant turns are wrapped in {% generation %}...{% endgeneration %}",
+            "template",
         )
 
     ids, offsets = tokenize_with_image_offsets(tokenizer, text, tokens_per_image)

@@ -320,22 +320,14 @@ class ConversationDataset(torch.utils.data.Dataset):
         elif isinstance(image, list) and all(isinstance(p, str) for p in image):
             images = list(image)
         else:
-            raise SampleError(
-                f"sample {sample_id!r}: 'image' must be a path or a list of paths, got {image!r}",
-                kind="bad_format",
-                sample_id=sample_id,
-            )
+            raise sample_error(sample_id, f"'image' must be a path or a list of paths, got {image!r}", "bad_format")
         if any(not p.strip() for p in images):
-            raise SampleError(f"sample {sample_id!r}: empty image path", kind="bad_format", sample_id=sample_id)
+            raise sample_error(sample_id, "empty image path", "bad_format")
         return images
 
     def _encode(self, record: Any, sample_id: str):
         if not isinstance(record, dict):
-            raise SampleError(
-                f"sample {sample_id!r}: expected an object, got {type(record).__name__}",
-                kind="bad_format",
-                sample_id=sample_id,
-            )
+            raise sample_error(sample_id, f"expected an object, got {type(record).__name__}", "bad_format")
         if "document" in record:
             if "conversations" in record:
                 raise sample_error(sample_id, "has both 'document' and 'conversations'; a sample is one or the other")
@@ -354,9 +346,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                 sample_id=sample_id,
             )
         elif "conversations" not in record:
-            raise SampleError(
-                f"sample {sample_id!r}: no 'conversations' (or 'document')", kind="bad_format", sample_id=sample_id
-            )
+            raise sample_error(sample_id, "no 'conversations' (or 'document')", "bad_format")
         else:
             images = self._image_list(record, sample_id)
             messages = to_messages(record["conversations"], sample_id=sample_id)
@@ -372,9 +362,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         paths = tuple(self.image_root / p for p in images)
         for p in paths:
             if not p.is_file():
-                raise SampleError(
-                    f"sample {sample_id!r}: image {p} not found", kind="missing_image", sample_id=sample_id
-                )
+                raise sample_error(sample_id, f"image {p} not found", "missing_image")
         if paths and self.preprocessor is None:
             raise ValueError(
                 f"{self.path}: sample {sample_id!r} has images but the dataset was given no preprocessor"
