@@ -3,11 +3,34 @@
 from __future__ import annotations
 
 import os
+import sys
+from typing import TYPE_CHECKING
 
-import torch
+# Importing this module first keeps every benchmark off the hub and tokenizers' thread pool quiet.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+if TYPE_CHECKING:
+    import torch
 
 
-def n_params(module: torch.nn.Module) -> int:
+def quiet() -> None:
+    """No warnings, no transformers progress bars or info logs in the benchmark output."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore")
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def log(msg: str) -> None:
+    """Progress messages go to stderr, so stdout holds only the results."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def n_params(module: "torch.nn.Module") -> int:
     return sum(p.numel() for p in module.parameters())
 
 

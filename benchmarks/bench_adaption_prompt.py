@@ -39,27 +39,21 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from _common import load_average, log, n_params, print_load_footer, print_table, quiet  # benchmarks/ is on sys.path
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
 
-hf_logging.disable_progress_bar()
-hf_logging.set_verbosity_error()
-warnings.filterwarnings("ignore")
+quiet()
 
 import frozenvl  # noqa: E402
 from frozenvl.importers.peft_adaption_prompt import import_peft_adaption_prompt  # noqa: E402
 from frozenvl.tiny import build_llm, build_tokenizer  # noqa: E402
-from _common import load_average, n_params, print_load_footer, print_table  # noqa: E402  (benchmarks/ is on sys.path)
 
 PROMPT = "You are a helpful assistant that can see images. Describe the image in one sentence."
 WORKFLOW = "ap"
@@ -182,9 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     if new_tokens < 1 or repeats < 1 or args.threads < 1:
         ap.error("--new-tokens, --repeats and --threads must be >= 1")
     torch.set_num_threads(args.threads)
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
 
     import peft
 

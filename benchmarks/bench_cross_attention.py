@@ -47,27 +47,21 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from _common import load_average, log, n_params, print_load_footer, print_table, quiet  # benchmarks/ is on sys.path
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
 
-hf_logging.disable_progress_bar()
-hf_logging.set_verbosity_error()
-warnings.filterwarnings("ignore")
+quiet()
 
 import frozenvl  # noqa: E402
 from frozenvl.families.base import IMAGE_TOKEN_ID  # noqa: E402
 from frozenvl.importers import import_idefics  # noqa: E402
 from frozenvl.tiny import build_tiny_idefics  # noqa: E402
-from _common import load_average, n_params, print_load_footer, print_table  # noqa: E402  (benchmarks/ is on sys.path)
 
 WORKFLOW = "mm"
 TARGET = 1.5  # frozenvl / IDEFICS decode tokens/s at 4 images (the target)
@@ -203,9 +197,6 @@ def main(argv: list[str] | None = None) -> int:
     if not image_counts or min(image_counts) < 1:
         ap.error("--images: positive counts, e.g. 1,4")
     torch.set_num_threads(args.threads)
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
 
     from transformers import IdeficsForVisionText2Text
 

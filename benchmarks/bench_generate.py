@@ -39,27 +39,21 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from _common import load_average, log, n_params, print_load_footer, print_table, quiet  # benchmarks/ is on sys.path
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
 
-hf_logging.disable_progress_bar()
-hf_logging.set_verbosity_error()
-warnings.filterwarnings("ignore")
+quiet()
 
 import frozenvl  # noqa: E402
 from frozenvl.data.prompt import left_pad  # noqa: E402
 from frozenvl.families.base import IMAGE_TOKEN_ID  # noqa: E402
 from frozenvl.tiny import build_tokenizer, build_vision  # noqa: E402
-from _common import load_average, n_params, print_load_footer, print_table  # noqa: E402  (benchmarks/ is on sys.path)
 
 # Prompts of different lengths (batch 4 uses all four, batch 1 the first). For `mm`, each row is
 # "<chunk before the image>" + image slots + "<chunk after>", LLaVA-1.5 style.
@@ -288,9 +282,6 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("batch sizes must be between 1 and 4")
     torch.set_num_threads(threads)
     targets = {"text": 0.97, "mm": 1.0}
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
 
     print(
         f"frozenvl {frozenvl.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "

@@ -63,8 +63,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from _common import log, quiet  # benchmarks/ is on sys.path; sets the offline environment
 
 
 @dataclass
@@ -238,13 +237,7 @@ def child(cfg_path: str, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    quiet()
 
     from frozenvl.train import TrainConfig, Trainer
     from frozenvl.train.trainer import base_checksum, select_parameters
@@ -447,15 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     if s.steps < 1 or s.warmup < 0 or s.batch_size < 1 or args.repeats < 1:
         ap.error("--steps, --batch-size and --repeats must be >= 1, --warmup >= 0")
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
     import torch
     import transformers
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    quiet()
 
     import frozenvl
     from frozenvl.families.inner_adaptor import default_insertion_layers
