@@ -20,6 +20,7 @@ from transformers import (
     CLIPVisionConfig,
     CLIPVisionModel,
     GenerationConfig,
+    IdeficsConfig,
     IdeficsForVisionText2Text,
     LlamaConfig,
     LlamaForCausalLM,
@@ -31,7 +32,7 @@ from ..config import ModelConfig, parse_workflow
 from ..families.base import LMParts
 from ..model import FrozenVLModel
 from ..vision.encoder import VisionTower
-from .llava import _PREPROCESSOR_FILE, _TOKENIZER_FILES, _copy_preprocessor_config
+from .checkpoint import PREPROCESSOR_FILE, copy_preprocessor_config, has_tokenizer, read_checkpoint_config
 
 # IDEFICS' image normalisation (OpenAI CLIP's), used when the checkpoint has no preprocessor config.
 _IDEFICS_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -67,7 +68,7 @@ def import_idefics(
     src_dir, out_dir = os.fspath(src), os.fspath(out)
     config = _read_idefics_config(src_dir)
     tok_dir = os.fspath(tokenizer) if tokenizer is not None else src_dir
-    if not any(os.path.isfile(os.path.join(tok_dir, name)) for name in _TOKENIZER_FILES):
+    if not has_tokenizer(tok_dir):
         raise ValueError(
             f"{tok_dir} has no tokenizer files: the import needs IDEFICS' tokenizer (pass tokenizer=DIR / --tokenizer)"
         )
@@ -95,8 +96,8 @@ def import_idefics(
     # --- the vision tower -----------------------------------------------------------------
     tower = _standalone_clip(config, state, idefics.dtype)
     tower.save_pretrained(vision_dir)
-    _copy_preprocessor_config(src_dir, vision_dir)
-    if not os.path.isfile(os.path.join(vision_dir, _PREPROCESSOR_FILE)):
+    copy_preprocessor_config(src_dir, vision_dir)
+    if not os.path.isfile(os.path.join(vision_dir, PREPROCESSOR_FILE)):
         _write_preprocessor_config(vision_dir, config.vision_config.image_size)
 
     # --- resampler, blocks and additional vocabulary, as a cross_attention workflow --------
@@ -129,15 +130,7 @@ def import_idefics(
 
 # ------------------------------------------------------------------------------------------ helpers
 def _read_idefics_config(src_dir: str) -> Any:
-    from transformers import AutoConfig
-
-    if not os.path.isdir(src_dir):
-        raise ValueError(f"{src_dir} is not a directory: expected a local IDEFICS checkpoint directory")
-    if not os.path.isfile(os.path.join(src_dir, "config.json")):
-        raise ValueError(f"{src_dir} has no config.json: not a transformers checkpoint")
-    config = AutoConfig.from_pretrained(src_dir)
-    if config.model_type != "idefics":
-        raise ValueError(f"{src_dir} holds a {config.model_type!r} checkpoint, not an IDEFICS one ('idefics')")
+    config = read_checkpoint_config(src_dir, "idefics", "IDEFICS", IdeficsConfig)
     if config.num_hidden_layers % config.cross_layer_interval:
         raise ValueError(
             f"{src_dir}: {config.num_hidden_layers} layers are not a multiple of cross_layer_interval "
@@ -284,6 +277,6 @@ def _write_preprocessor_config(vision_dir: str, image_size: int) -> None:
         "image_mean": _IDEFICS_MEAN,
         "image_std": _IDEFICS_STD,
     }
-    with open(os.path.join(vision_dir, _PREPROCESSOR_FILE), "w", encoding="utf-8") as f:
+    with open(os.path.join(vision_dir, PREPROCESSOR_FILE), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=2)
         f.write("\n")

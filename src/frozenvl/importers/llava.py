@@ -8,9 +8,7 @@ encoder, and a frozenvl workflow that owns only the projector.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import warnings
 from typing import Any
 
@@ -20,6 +18,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
+    LlavaConfig,
     LlavaForConditionalGeneration,
     PreTrainedModel,
 )
@@ -28,13 +27,11 @@ from ..config import ModelConfig, parse_workflow
 from ..families.base import LMParts
 from ..model import FrozenVLModel
 from ..vision.encoder import VisionTower
+from .checkpoint import copy_preprocessor_config, has_tokenizer, read_checkpoint_config
 
 # Vision encoders whose LLaVA feature selection frozenvl reproduces exactly, and whether each has a
 # CLS token in front of the patch tokens (LLaVA's "default" strategy always drops the first token).
 _VISION_HAS_CLS = {"clip_vision_model": True, "siglip_vision_model": False}
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
-_PREPROCESSOR_FILE = "preprocessor_config.json"
-_PROCESSOR_FILE = "processor_config.json"
 
 
 def import_llava_hf(
@@ -77,7 +74,7 @@ def import_llava_hf(
     the "default" strategy on an encoder without a CLS token).
     """
     src_dir, out_dir = os.fspath(src), os.fspath(out)
-    config = _read_llava_config(src_dir)
+    config = read_checkpoint_config(src_dir, "llava", "LLaVA", LlavaConfig)
     wf = _workflow_config(config, src_dir, workflow, image_mode)
 
     llava, info = LlavaForConditionalGeneration.from_pretrained(src_dir, dtype="auto", output_loading_info=True)
@@ -95,7 +92,7 @@ def import_llava_hf(
     if os.path.isfile(os.path.join(src_dir, "generation_config.json")):
         causal.generation_config = GenerationConfig.from_pretrained(src_dir)
     causal.save_pretrained(llm_dir)
-    if any(os.path.isfile(os.path.join(src_dir, name)) for name in _TOKENIZER_FILES):
+    if has_tokenizer(src_dir):
         AutoTokenizer.from_pretrained(src_dir).save_pretrained(llm_dir)
     else:
         warnings.warn(
@@ -107,7 +104,7 @@ def import_llava_hf(
     # --- the vision tower -----------------------------------------------------------------
     tower: PreTrainedModel = llava.model.vision_tower  # LLaVA builds it as AutoModel.from_config(vision_config)
     tower.save_pretrained(vision_dir)
-    _copy_preprocessor_config(src_dir, vision_dir)
+    copy_preprocessor_config(src_dir, vision_dir)
 
     # --- the projector, as a frozenvl prefix workflow --------------------------------------
     projector = _projector_state(llava)
@@ -127,27 +124,6 @@ class _NoTokenizer:
     """Stand-in for FrozenVLModel's tokenizer argument: the import only saves, it never tokenizes."""
 
     pad_token_id = 0
-
-
-def _read_llava_config(src_dir: str) -> Any:
-    if not os.path.isdir(src_dir):
-        raise ValueError(f"{src_dir} is not a directory: expected a local LLaVA checkpoint directory")
-    path = os.path.join(src_dir, "config.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"{src_dir} has no config.json: expected a transformers LLaVA checkpoint directory")
-    with open(path, encoding="utf-8") as f:
-        try:
-            raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
-    model_type = raw.get("model_type") if isinstance(raw, dict) else None
-    if model_type != "llava":
-        raise ValueError(
-            f"{src_dir} is not a LLaVA checkpoint: its config.json has model_type {model_type!r}, expected 'llava'"
-        )
-    from transformers import LlavaConfig
-
-    return LlavaConfig.from_pretrained(src_dir)
 
 
 def _workflow_config(config: Any, src_dir: str, workflow: str, image_mode: str):
@@ -248,24 +224,3 @@ def _projector_state(llava: LlavaForConditionalGeneration) -> dict[str, torch.Te
             bias.detach() if bias is not None else torch.zeros(linear.out_features, dtype=linear.weight.dtype)
         )
     return state
-
-
-def _copy_preprocessor_config(src_dir: str, vision_dir: str) -> None:
-    target = os.path.join(vision_dir, _PREPROCESSOR_FILE)
-    legacy = os.path.join(src_dir, _PREPROCESSOR_FILE)
-    if os.path.isfile(legacy):
-        shutil.copyfile(legacy, target)
-        return
-    combined = os.path.join(src_dir, _PROCESSOR_FILE)  # transformers v5 nests the image processor here
-    if os.path.isfile(combined):
-        try:
-            with open(combined, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            warnings.warn(f"{combined}: cannot read ({e}); no preprocessor config copied", stacklevel=3)
-            return
-        image_processor = data.get("image_processor") if isinstance(data, dict) else None
-        if isinstance(image_processor, dict):
-            with open(target, "w", encoding="utf-8") as f:
-                json.dump(image_processor, f, indent=2)
-                f.write("\n")
