@@ -435,3 +435,20 @@ def test_videos_as_multi_frame_media(bases, images):
     plain = _build(bases)
     with pytest.raises(ValueError, match="resampler_max_frames"):
         plain(ids, task="mm", pixel_values=video)
+
+
+def test_new_token_gradients_are_deterministic(bases):
+    """The new tokens' embedding gradient is summed in a fixed order (advanced indexing's backward on
+    CPU adds with atomics: runs, and resumed trainings, would drift apart in the last bits)."""
+    model = _build(bases)
+    family = model.workflow("mm")
+    eoc = model.tokenizer.convert_tokens_to_ids("<|endofchunk|>")
+    ids = torch.full((16, 256), eoc)
+    ids[:, ::3] = IMAGE_TOKEN_ID
+    g = torch.randn(16, 256, model.llm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    grads = set()
+    for _ in range(10):
+        family.token_embed.grad = None
+        (family.embed(ids, None) * g).sum().backward()
+        grads.add(family.token_embed.grad.numpy().tobytes())
+    assert len(grads) == 1

@@ -289,7 +289,9 @@ class CrossAttentionFamily(Family):
         which = which.masked_fill(is_image, self.cfg.extra_tokens.index(self.cfg.image_token))
         is_extra = is_extra | is_image
         h = self.lm.embed_tokens(input_ids.masked_fill(is_extra, 0))
-        return torch.where(is_extra.unsqueeze(-1), self.token_embed[which].to(h.dtype), h)
+        # F.embedding, not token_embed[which]: its backward sums in a fixed order (indexing's adds atomically
+        # on CPU, so runs and resumed trainings would drift apart)
+        return torch.where(is_extra.unsqueeze(-1), F.embedding(which, self.token_embed).to(h.dtype), h)
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         base = self.lm.lm_head(h)
