@@ -235,11 +235,21 @@ def test_truncation(tok):
 
 
 def test_template_without_generation_markers(tok):
+    """Published templates have no markers: the answer spans are derived (tests/test_chat_templates.py has more)."""
     plain = copy.deepcopy(tok)
     plain.chat_template = (
         "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
     )
-    with pytest.raises(SampleError, match="generation") as info:
+    enc = encode_conversation(plain, msgs("Q?", "A.", "Why?", "B!"), tokens_per_image=TPI)
+    check_assistant_labels(plain, enc, ["A.", "B!"])
+
+
+def test_template_without_prefix_property(tok):
+    # The rendering depends on the number of messages, so no prompt is a prefix of the conversation.
+    plain = copy.deepcopy(tok)
+    plain.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
+    with pytest.raises(SampleError, match="message 1 \\(assistant\\).*not a prefix") as info:
         encode_conversation(plain, msgs("Q?", "A."), tokens_per_image=TPI)
     assert info.value.kind == "template"
 
@@ -369,9 +379,9 @@ def test_dataset_error_mode_names_sample_and_file(tokenizers, preprocessor, data
 
 def test_template_error_is_never_skipped(tokenizers, preprocessor, data_dir):
     plain = copy.deepcopy(tokenizers["chatml"])
-    plain.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    plain.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     path = write_json(data_dir / "data.json", good_samples()[:1])
-    with pytest.raises(SampleError, match="generation") as info:
+    with pytest.raises(SampleError, match="not a prefix") as info:
         ConversationDataset(path, tokenizer=plain, tokens_per_image=TPI, preprocessor=preprocessor)
     assert info.value.kind == "template"
 

@@ -1,15 +1,32 @@
 """LLaVA conversations -> chat-template token ids with image slots and assistant-only labels.
 
 The assistant mask is never hand-written per template: the conversation is rendered with the
-tokenizer's own chat template through transformers' renderer, which reports the character spans
-of the template's ``{% generation %}...{% endgeneration %}`` blocks. The rendered text is then
-tokenized chunk by chunk around ``<image>`` exactly as :func:`~frozenvl.data.prompt.tokenize_with_images`
-does, with offset mappings, and a token is labelled iff its character span lies inside one of
-those generation spans.
+tokenizer's own chat template, and the character spans of its assistant answers are found in one
+of two ways.
+
+* **Markers.** A template that wraps its assistant turns in ``{% generation %}...{% endgeneration %}``
+  reports those spans through transformers' renderer; they are used as they are.
+* **Derived** (published templates have no markers: SmolLM2, Llama-3, Qwen2.5, Mistral, Gemma,
+  Phi-3...). For assistant message ``i`` the conversation is also rendered up to message ``i`` with
+  ``add_generation_prompt=True`` (the prompt the model answers at inference) and up to and
+  including message ``i``. Both must be prefixes of the whole conversation's rendering (the
+  *prefix property*, up to a closing text the template appends only at the very end of a
+  conversation, such as Phi-3's ``eos_token``); the answer's span is what lies between them,
+  without trailing whitespace. It therefore includes the end-of-turn token the template writes
+  right after the answer (``<|im_end|>``, ``<|eot_id|>``, ``</s>``, ``<end_of_turn>``, ``<|end|>``):
+  the model must learn to stop. A template without the prefix property (it changes earlier
+  turns depending on later ones) cannot be handled this way and raises a ``SampleError`` of kind
+  "template" that names the message and where the renderings differ.
+
+The rendered text is then tokenized chunk by chunk around ``<image>`` exactly as
+:func:`~frozenvl.data.prompt.tokenize_with_images` does, with offset mappings, and a token is
+labelled iff its character span lies inside one of the answer spans.
 """
 
 from __future__ import annotations
 
+import bisect
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +40,7 @@ __all__ = [
     "SAMPLE_ERROR_KINDS",
     "EncodedSample",
     "SampleError",
+    "derive_assistant_spans",
     "encode_conversation",
     "prepare_images",
     "render_with_generation_spans",
@@ -175,29 +193,148 @@ def prepare_images(messages: list[dict], num_images: int, *, sample_id: str = "?
 # --------------------------------------------------------------------------- rendering
 
 
+# transformers' own test for a template with generation markers.
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+@dataclass(frozen=True)
+class _ChatTemplate:
+    source: str
+    kwargs: dict[str, Any]  # what apply_chat_template exposes to the template (bos_token, eos_token...)
+
+    @property
+    def marked(self) -> bool:
+        return bool(_GENERATION_TAG.search(self.source))
+
+    def render(
+        self, messages: list[dict], *, add_generation_prompt: bool = False, spans: bool = False, sample_id: str = "?"
+    ) -> tuple[str, list[tuple[int, int]]]:
+        import jinja2
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        try:
+            rendered, indices = render_jinja_template(
+                conversations=[messages],
+                chat_template=self.source,
+                return_assistant_tokens_mask=spans,
+                add_generation_prompt=add_generation_prompt,
+                **self.kwargs,
+            )
+        except jinja2.TemplateError as exc:  # raise_exception(...) in the template, e.g. roles must alternate
+            raise sample_error(sample_id, f"the chat template rejected the conversation: {exc}") from exc
+        return rendered[0], [(int(s), int(e)) for s, e in indices[0]] if spans else []
+
+
+def _chat_template(tokenizer) -> _ChatTemplate:
+    try:
+        source = tokenizer.get_chat_template()
+    except ValueError as exc:
+        raise SampleError(f"the tokenizer has no usable chat template ({exc})", kind="template") from exc
+    return _ChatTemplate(source, dict(getattr(tokenizer, "special_tokens_map", {}) or {}))
+
+
 def render_with_generation_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """Render ``messages`` with the tokenizer's chat template (no generation prompt).
 
     Returns the text and the ``(start, end)`` character spans of the template's
     ``{% generation %}`` blocks, as computed by transformers' own renderer (the same one
-    ``apply_chat_template(..., return_assistant_tokens_mask=True)`` uses).
+    ``apply_chat_template(..., return_assistant_tokens_mask=True)`` uses); no spans for a
+    template without markers.
     """
-    from transformers.utils.chat_template_utils import render_jinja_template
+    template = _chat_template(tokenizer)
+    return template.render(messages, spans=template.marked)
 
-    try:
-        template = tokenizer.get_chat_template()
-    except ValueError as exc:
-        raise SampleError(f"the tokenizer has no usable chat template ({exc})", kind="template") from exc
-    # apply_chat_template exposes the special tokens (bos_token, eos_token...) to the template.
-    template_kwargs = dict(getattr(tokenizer, "special_tokens_map", {}) or {})
-    rendered, spans = render_jinja_template(
-        conversations=[messages],
-        chat_template=template,
-        return_assistant_tokens_mask=True,
-        add_generation_prompt=False,
-        **template_kwargs,
+
+def _common_prefix_len(a: str, b: str) -> int:
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _mismatch(sample_id: str, problem: str, part: str, got: str, full: str) -> SampleError:
+    """Kind "template": `problem`, and where the rendering of `part` of the conversation leaves the whole one's."""
+    at = _common_prefix_len(got, full)
+    lo = max(0, at - 30)
+    return sample_error(
+        sample_id,
+        f"{problem}, so its assistant text cannot be found without {{% generation %}} markers: the rendering "
+        f"of {part} is not a prefix of the rendering of the whole conversation; from character {at} it has "
+        f"{got[lo:at + 40]!r} where the whole conversation has {full[lo:at + 40]!r}. Training on that text "
+        "would not match what the model sees when it answers; wrap the template's assistant turns in "
+        "{% generation %}...{% endgeneration %} to say which text to learn",
+        "template",
     )
-    return rendered[0], [(int(s), int(e)) for s, e in spans[0]]
+
+
+def _closing_suffix(
+    template: _ChatTemplate, messages: list[dict], text: str, boundaries: Sequence[int], sample_id: str
+) -> str:
+    """What the template appends only when a conversation ends without a generation prompt.
+
+    Phi-3 writes ``eos_token`` there, so the rendering up to an earlier assistant turn ends with
+    text that the whole conversation has only at its end. It is the part of `text` after where
+    the rendering with ``add_generation_prompt=True`` departs from it, taken from a token boundary
+    of `text` (so that ``<|endoftext|>`` vs ``<|assistant|>`` do not count as sharing ``<|``).
+    """
+    prompted, _ = template.render(messages, add_generation_prompt=True, sample_id=sample_id)
+    if prompted.startswith(text):
+        return ""
+    at = _common_prefix_len(text, prompted)
+    return text[boundaries[bisect.bisect_right(boundaries, at) - 1] :]
+
+
+def _derive(
+    template: _ChatTemplate,
+    messages: list[dict],
+    text: str,
+    offsets: Sequence[tuple[int, int]],
+    sample_id: str,
+) -> list[tuple[int, int]]:
+    boundaries = sorted({0, len(text)}.union(*offsets))
+    closing = _closing_suffix(template, messages, text, boundaries, sample_id)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        what = f"message {i} (assistant)"
+        prompt, _ = template.render(messages[:i], add_generation_prompt=True, sample_id=sample_id)
+        if not text.startswith(prompt):
+            raise _mismatch(
+                sample_id, f"the chat template renders the prompt for {what} inconsistently",
+                f"messages[:{i}] with add_generation_prompt=True", prompt, text,
+            )
+        if i == len(messages) - 1:
+            upto = text
+        else:
+            upto, _ = template.render(messages[: i + 1], sample_id=sample_id)
+            if not upto.endswith(closing) or not text.startswith(upto[: len(upto) - len(closing)]):
+                raise _mismatch(
+                    sample_id, f"the chat template renders {what} differently once later messages follow",
+                    f"messages[:{i + 1}]" + (f" (without its closing {closing!r})" if closing else ""), upto, text,
+                )
+        # Trailing whitespace after the end-of-turn token is the template's separator, not the answer.
+        answer = text[len(prompt) : len(upto) - len(closing)].rstrip()
+        if not answer:
+            raise sample_error(sample_id, f"the chat template renders no text for {what}", "template")
+        spans.append((len(prompt), len(prompt) + len(answer)))
+    return spans
+
+
+def derive_assistant_spans(
+    tokenizer,
+    messages: list[dict],
+    text: str,
+    offsets: Sequence[tuple[int, int]],
+    *,
+    sample_id: str = "?",
+) -> list[tuple[int, int]]:
+    """Character spans of the assistant answers in `text`, the rendering of `messages`, without markers.
+
+    `offsets` are the token spans of `text` (:func:`tokenize_with_image_offsets`). Each span runs
+    from the end of the generation prompt before the answer to the end of the answer's own
+    rendering, without trailing whitespace: the answer and the template's end-of-turn token. See
+    the module docstring; a template without the prefix property raises ``SampleError``
+    (kind "template") naming the message and the first character where the renderings differ.
+    """
+    return _derive(_chat_template(tokenizer), messages, text, offsets, sample_id)
 
 
 def tokenize_with_image_offsets(
@@ -272,9 +409,10 @@ def encode_conversation(
 ) -> EncodedSample:
     """Chat messages -> input ids (``<image>`` -> ``tokens_per_image`` IMAGE_TOKEN_ID slots) and labels.
 
-    Labels are the token id for tokens inside the chat template's ``{% generation %}`` blocks
-    (assistant content and its end-of-turn token, as the template marks them), -100 elsewhere
-    (system/user turns, role headers, image slots).
+    Labels are the token id for tokens inside the assistant answers: the chat template's
+    ``{% generation %}`` blocks if it has them, else the spans :func:`derive_assistant_spans` finds
+    (each answer and its end-of-turn token); -100 elsewhere (system/user turns, role headers,
+    image slots).
 
     ``num_images``: if given, the placeholders are checked against it first (see
     :func:`prepare_images`, which also applies LLaVA's one-image-no-placeholder convention).
@@ -292,7 +430,8 @@ def encode_conversation(
         messages = prepare_images(messages, num_images, sample_id=sample_id)
     n_placeholders = count_message_placeholders(messages)
 
-    text, spans = render_with_generation_spans(tokenizer, messages)
+    template = _chat_template(tokenizer)
+    text, spans = template.render(messages, spans=template.marked, sample_id=sample_id)
     if text.count(IMAGE_PLACEHOLDER) != n_placeholders:
         raise sample_error(
             sample_id,
@@ -303,18 +442,20 @@ def encode_conversation(
     has_assistant = any(m["role"] == "assistant" for m in messages)
     if not has_assistant:
         raise sample_error(sample_id, "no assistant turn, nothing to learn")
-    if not spans:
-        raise sample_error(
-            sample_id,
-            "the chat template marked no assistant text; assistant-only labels need a chat template whose "
-            "assistant turns are wrapped in {% generation %}...{% endgeneration %}",
-            "template",
-        )
 
     ids, offsets = tokenize_with_image_offsets(tokenizer, text, tokens_per_image)
+    if not template.marked:
+        spans = _derive(template, messages, text, offsets, sample_id)
+    elif not spans:
+        raise sample_error(
+            sample_id,
+            "the chat template has {% generation %} markers but marked no text of this conversation; "
+            "assistant-only labels come from those markers when a template has them",
+            "template",
+        )
     labels = _assistant_labels(ids, offsets, spans)
     if all(lab == IGNORE_INDEX for lab in labels):
-        raise sample_error(sample_id, "no token falls inside the template's assistant (generation) text")
+        raise sample_error(sample_id, "no token falls inside the template's assistant text")
 
     ids, labels, truncated = fit_length(ids, labels, max_length, truncation, sample_id, "assistant")
     return EncodedSample(input_ids=ids, labels=labels, num_images=n_placeholders, truncated=truncated)
