@@ -28,7 +28,7 @@ from frozenvl.data.chat import (
 )
 from frozenvl.data.dataset import ConversationDataset
 from frozenvl.families.base import IMAGE_TOKEN_ID
-from frozenvl.tiny import build_tiny_bases, build_tokenizer
+from frozenvl.tiny import build_tiny_bases, build_tokenizer, default_corpus
 from frozenvl.vision.images import CLIP_MEAN, CLIP_STD, ImagePreprocessor
 
 from .conftest import write_llava_data
@@ -345,6 +345,27 @@ def test_smollm2_template_through_the_dataset(fixture_tokenizers, tmp_path):
         labels = item["labels"].tolist()
         assert [tok.decode(r) for r in labelled_runs(labels)] == [a + "<|im_end|>" for a in answers]
         assert (item["input_ids"] == IMAGE_TOKEN_ID).sum() == (TPI if "image" in rec else 0)
+
+
+PHI2 = (  # plain-text roles, no end-of-turn token: the newline after an answer is all that ends it
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] + ' ' %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = '' %}{% endif %}{% for message in loop_messages %}{% if loop.index0 == 0 %}"
+    "{% set content = system_message + message['content'] %}{% else %}{% set content = message['content'] %}"
+    "{% endif %}{{ (message['role'] | title) + ': ' + content + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def test_answer_token_running_into_the_separator_is_labelled(tmp_path):
+    """With no end-of-turn token, "red.\\n" may end in the token ".\\n": it is the answer's last token."""
+    tok = build_tokenizer(tmp_path, corpus=default_corpus() + ["It is red.\n"] * 50)
+    tok.chat_template = PHI2
+    assert tok.convert_ids_to_tokens(tok(" red.\nUser", add_special_tokens=False)["input_ids"])[:2] == ["Ġred", ".Ċ"]
+    messages = [{"role": "system", "content": SYSTEM}] + _messages("text")
+    messages[2]["content"] = messages[4]["content"] = "It is red."
+    enc = encode_conversation(tok, messages, tokens_per_image=TPI)
+    assert [tok.decode(r) for r in labelled_runs(enc.labels)] == [" It is red.\n"] * 2
 
 
 # --------------------------------------------------------------------------- templates that cannot work

@@ -310,11 +310,14 @@ def _derive(
                     sample_id, f"the chat template renders {what} differently once later messages follow",
                     f"messages[:{i + 1}]" + (f" (without its closing {closing!r})" if closing else ""), upto, text,
                 )
-        # Trailing whitespace after the end-of-turn token is the template's separator, not the answer.
-        answer = text[len(prompt) : len(upto) - len(closing)].rstrip()
-        if not answer:
+        # Trailing whitespace after the end-of-turn token is the template's separator, not the answer...
+        start, stop = len(prompt), len(upto) - len(closing)
+        end = start + len(text[start:stop].rstrip())
+        if end == start:
             raise sample_error(sample_id, f"the chat template renders no text for {what}", "template")
-        spans.append((len(prompt), len(prompt) + len(answer)))
+        # ...unless a token runs on into it (no end-of-turn token: "answer.\n\n" may be one token ".\n\n").
+        next_boundary = boundaries[bisect.bisect_left(boundaries, end)]
+        spans.append((start, next_boundary if next_boundary <= stop else end))
     return spans
 
 
