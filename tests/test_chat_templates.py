@@ -368,6 +368,31 @@ def test_answer_token_running_into_the_separator_is_labelled(tmp_path):
     assert [tok.decode(r) for r in labelled_runs(enc.labels)] == [" It is red.\n"] * 2
 
 
+def _real_smollm2_dirs() -> list[str]:
+    """LLM dirs materialised by ``frozenvl bases`` (or named by FROZENVL_SMOLLM2_DIR) with SmolLM2's template."""
+    import glob
+    import os
+
+    found = [os.environ["FROZENVL_SMOLLM2_DIR"]] if os.environ.get("FROZENVL_SMOLLM2_DIR") else []
+    for cfg in glob.glob(os.path.expanduser("~/.cache/frozenvl/bases/**/tokenizer_config.json"), recursive=True):
+        found.append(os.path.dirname(cfg))
+    return found
+
+
+@pytest.mark.skipif(not _real_smollm2_dirs(), reason="no real SmolLM2 tokenizer here (frozenvl bases not run)")
+def test_real_smollm2_tokenizer():
+    for path in _real_smollm2_dirs():
+        tok = AutoTokenizer.from_pretrained(path)
+        if "SmolLM" not in (tok.chat_template or ""):
+            continue
+        assert tok.get_chat_template() == SMOLLM2  # the fixture is the published template, verbatim
+        for conversation in CONVERSATIONS:
+            enc = encode_conversation(tok, _messages(conversation), tokens_per_image=TPI)
+            assert [tok.decode(r) for r in labelled_runs(enc.labels)] == [a + "<|im_end|>" for a in _answers(conversation)]
+        return
+    pytest.skip("no SmolLM2 tokenizer among " + ", ".join(_real_smollm2_dirs()))
+
+
 # --------------------------------------------------------------------------- templates that cannot work
 
 

@@ -51,7 +51,7 @@ __all__ = [
 IGNORE_INDEX = -100
 
 #: Every ``SampleError.kind``. "template" is a configuration error (the tokenizer has no usable
-#: chat template); datasets never skip it.
+#: chat template, or one whose assistant text cannot be found); datasets never skip it.
 SAMPLE_ERROR_KINDS = (
     "overlong",
     "answer_truncated",
