@@ -295,8 +295,10 @@ def test_masks_are_exactly_the_answers(fixture_tokenizers, name, conversation):
     for role, content in CONVERSATIONS[conversation]:
         if role != "assistant":
             assert content.replace("<image>", "").strip() in unlabelled
-    if name == "smollm2" and conversation != "multi":
-        assert "You are a helpful AI assistant named SmolLM" in unlabelled
+    default_system = {"smollm2": "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+                      "qwen2.5": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."}
+    if name in default_system:
+        assert (default_system[name] in unlabelled) == (conversation != "multi")  # "multi" has its own
     if name == "phi3":  # Phi-3 closes a conversation with eos_token; it is not part of the last answer
         assert enc.input_ids[-1] == tok.eos_token_id and enc.labels[-1] == IGNORE_INDEX
 
