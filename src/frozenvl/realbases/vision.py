@@ -47,6 +47,7 @@ PREPROCESSOR_CONFIG: dict[str, Any] = {
 # what remains is summation order and bicubic-resize arithmetic).
 TOLERANCE = 1e-3
 _LAYER = re.compile(r"encoder\.layer\.(\d+)\.")
+_QUERY_BIAS = re.compile(r"encoder\.layer\.0\.attention\.(attention\.query|q_proj)\.bias")  # 4.x | 5.x names
 
 
 class OnnxConversionError(ValueError):
@@ -135,12 +136,15 @@ def _layer_norm_eps(graph, consts, consumers) -> float:
 
 
 def _num_heads(graph, consts, consumers, hidden: int) -> int:
-    """Heads of the first attention: the shape [batch, seq, heads, head_dim] a projection is reshaped to."""
+    """Heads of the first attention, from the shape a projection is reshaped to before it:
+    [batch, seq, heads, head_dim] (transformers 4.x) or [batch, seq, -1, head_dim] (5.x)."""
     for node in graph.node:
         if node.op_type == "Concat" and any(c.op_type == "Reshape" for c in consumers.get(node.output[0], [])):
             values = [int(consts[i].item()) for i in node.input if i in consts and consts[i].size == 1]
-            if len(values) == 2 and min(values) > 0 and values[0] * values[1] == hidden:
-                return values[0]
+            if len(values) != 2 or not 0 < values[1] < hidden or hidden % values[1]:
+                continue
+            if values[0] == -1 or values[0] * values[1] == hidden:
+                return hidden // values[1]
     raise OnnxConversionError("found no attention reshape [batch, seq, heads, head_dim] to read the head count from")
 
 
@@ -178,7 +182,7 @@ def onnx_to_dinov2(onnx_path: str | Path) -> tuple["Dinov2Config", dict[str, tor
         layer_norm_eps=_layer_norm_eps(graph, consts, consumers),
         layerscale_value=1.0 if has_layer_scale else 0.0,
         hidden_act="gelu",  # exact GELU: the export has Erf nodes
-        qkv_bias="encoder.layer.0.attention.attention.query.bias" in state,
+        qkv_bias=any(_QUERY_BIAS.fullmatch(k) for k in state),
         use_swiglu_ffn=False,
     )
     tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()}  # writable copies
