@@ -205,7 +205,10 @@ def build_dinov2(config, state: dict[str, torch.Tensor], staging_dir: str | Path
     state = dict(state)
     state.setdefault("embeddings.mask_token", torch.zeros(1, config.hidden_size))
     save_file(state, str(staging_dir / "model.safetensors"), metadata={"format": "pt"})
-    model, info = Dinov2Model.from_pretrained(staging_dir, output_loading_info=True)
+    try:
+        model, info = Dinov2Model.from_pretrained(staging_dir, output_loading_info=True)
+    except RuntimeError as e:  # shape mismatches
+        raise OnnxConversionError(f"ONNX weights do not fit Dinov2Model({config.hidden_size}): {e}") from e
     problems = {k: sorted(v) for k, v in info.items() if v and k != "error_msgs"} | (
         {"error_msgs": info["error_msgs"]} if info.get("error_msgs") else {}
     )
