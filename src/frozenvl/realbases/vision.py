@@ -54,19 +54,16 @@ class OnnxConversionError(ValueError):
     """The ONNX graph is not the Dinov2Model export this converter understands."""
 
 
-def _graph_index(graph) -> tuple[dict[str, np.ndarray], dict[str, list], dict[str, Any]]:
-    """(initializers by name, consumers by tensor name, producer by tensor name)."""
+def _graph_index(graph) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    """(initializers by name, the nodes consuming each tensor, by tensor name)."""
     from onnx import numpy_helper
 
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     consumers: dict[str, list] = {}
-    producer: dict[str, Any] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-        for name in node.output:
-            producer[name] = node
-    return inits, consumers, producer
+    return inits, consumers
 
 
 def _constants(graph) -> dict[str, np.ndarray]:
@@ -155,7 +152,7 @@ def onnx_to_dinov2(onnx_path: str | Path) -> tuple["Dinov2Config", dict[str, tor
 
     model = onnx.load(str(onnx_path))
     graph = model.graph
-    inits, consumers, _ = _graph_index(graph)
+    inits, consumers = _graph_index(graph)
     consts = _constants(graph)
     prefix = _backbone_prefix(inits)
 
@@ -294,6 +291,7 @@ def convert_onnx_vit(onnx_path: str | Path, out_dir: str | Path, photos: Sequenc
         "layer_norm_eps": config.layer_norm_eps,
         "onnxruntime_last_hidden_state": {
             "images": list(named),
+            "preprocessing": "frozenvl ImagePreprocessor from the saved preprocessor_config.json (pad to square, 224x224)",
             "input_shape": list(pixels.shape),
             "compared_tensor": last_hidden_state_name(onnx_path),
             "max_abs_diff": max_diff,
