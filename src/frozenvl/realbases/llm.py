@@ -54,7 +54,9 @@ def _plain_copy(gguf_model):
     missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
-        raise GgufConversionError(f"GGUF weights do not fit {type(plain).__name__}: missing {missing}, unexpected {unexpected}")
+        raise GgufConversionError(
+            f"GGUF weights do not fit {type(plain).__name__}: missing {missing}, unexpected {unexpected}"
+        )
     plain.tie_weights()
     return plain.eval()
 
@@ -64,7 +66,9 @@ def greedy_chat_answer(model, tokenizer, prompt: str, max_new_tokens: int = 24) 
         [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
@@ -108,7 +112,9 @@ def convert_gguf_llm(gguf_path: str | Path, out_dir: str | Path) -> dict[str, An
         "chat_template_kept": tokenizer2.chat_template == tokenizer.chat_template,
         "chat_template_is_chatml": "<|im_start|>" in (tokenizer2.chat_template or ""),
         "saved_logits_equal_gguf_logits": same_logits,
-        "greedy_answer": {"prompt": CHECK_PROMPT, "answer": answer, "expect": CHECK_EXPECT, "passed": CHECK_EXPECT in answer},
+        "greedy_answer": {
+            "prompt": CHECK_PROMPT, "answer": answer, "expect": CHECK_EXPECT, "passed": CHECK_EXPECT in answer
+        },
     }
     failed = [k for k in ("embeddings_tied", "chat_template_kept", "saved_logits_equal_gguf_logits") if not checks[k]]
     if not checks["greedy_answer"]["passed"]:

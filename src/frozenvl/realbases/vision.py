@@ -22,10 +22,14 @@ import math
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from PIL import Image
+    from transformers import Dinov2Config
 
 # DINOv2's standard preprocessing (as published with facebook/dinov2-small): shortest edge 256,
 # centre crop 224, bicubic, ImageNet mean/std. The hub model ships the same config.
@@ -43,6 +47,7 @@ PREPROCESSOR_CONFIG: dict[str, Any] = {
     "image_std": [0.229, 0.224, 0.225],
     "do_convert_rgb": True,
 }
+SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")  # bundled with scikit-image
 # Largest |converted - onnxruntime| allowed on the ViT's last hidden state (float32 throughout;
 # what remains is summation order and bicubic-resize arithmetic).
 TOLERANCE = 1e-3
@@ -110,16 +115,21 @@ def _linear_weights(graph, inits, consumers, prefix: str) -> dict[str, np.ndarra
 def _position_embedding(inits, consumers, hidden: int) -> np.ndarray:
     """Rebuild [1, 1 + N, D] from the unnamed CLS piece and grid piece the export split it into."""
     unnamed = {k: v for k, v in inits.items() if k.startswith("onnx::") and v.ndim == 3 and v.shape[-1] == hidden}
-    cls_pieces = [
-        k for k, v in unnamed.items() if v.shape[:2] == (1, 1) and any(c.op_type == "Concat" for c in consumers.get(k, []))
-    ]
-    grid_pieces = [k for k, v in unnamed.items() if v.shape[0] == 1 and v.shape[1] > 1 and math.isqrt(v.shape[1]) ** 2 == v.shape[1]]
+    def feeds_concat(name: str) -> bool:
+        return any(c.op_type == "Concat" for c in consumers.get(name, []))
+
+    cls_pieces = [k for k, v in unnamed.items() if v.shape[:2] == (1, 1) and feeds_concat(k)]
+    grid_pieces = [k for k, v in unnamed.items() if v.shape[0] == 1 and v.shape[1] > 1 and _is_square(v.shape[1])]
     if len(cls_pieces) != 1 or len(grid_pieces) != 1:
         raise OnnxConversionError(
             f"expected one CLS position piece [1, 1, {hidden}] and one square grid piece [1, n*n, {hidden}]; "
             f"found {cls_pieces} and {grid_pieces}"
         )
     return np.concatenate([unnamed[cls_pieces[0]], unnamed[grid_pieces[0]]], axis=1)
+
+
+def _is_square(n: int) -> bool:
+    return math.isqrt(n) ** 2 == n
 
 
 def _layer_norm_eps(graph, consts, consumers) -> float:
@@ -145,7 +155,7 @@ def _num_heads(graph, consts, consumers, hidden: int) -> int:
     raise OnnxConversionError("found no attention reshape [batch, seq, heads, head_dim] to read the head count from")
 
 
-def onnx_to_dinov2(onnx_path: str | Path) -> tuple["Dinov2Config", dict[str, torch.Tensor]]:  # noqa: F821
+def onnx_to_dinov2(onnx_path: str | Path) -> tuple[Dinov2Config, dict[str, torch.Tensor]]:
     """Read the ViT out of the ONNX file: its Dinov2Config and state dict (decoder dropped)."""
     import onnx
     from transformers import Dinov2Config
@@ -244,12 +254,12 @@ def onnx_hidden_states(onnx_path: str | Path, pixel_values: np.ndarray) -> np.nd
     return session.run([name], {input_name: pixel_values.astype(np.float32)})[0]
 
 
-def sample_photos() -> dict[str, "Image.Image"]:  # noqa: F821
+def sample_photos() -> dict[str, Image.Image]:
     """Real photographs bundled with scikit-image (no download)."""
     from PIL import Image
     from skimage import data
 
-    return {name: Image.fromarray(getattr(data, name)()).convert("RGB") for name in ("astronaut", "coffee", "chelsea", "rocket")}
+    return {name: Image.fromarray(getattr(data, name)()).convert("RGB") for name in SAMPLE_PHOTOS}
 
 
 def compare_with_onnxruntime(onnx_path: str | Path, model, pixel_values: torch.Tensor) -> float:
@@ -291,7 +301,7 @@ def convert_onnx_vit(onnx_path: str | Path, out_dir: str | Path, photos: Sequenc
         "layer_norm_eps": config.layer_norm_eps,
         "onnxruntime_last_hidden_state": {
             "images": list(named),
-            "preprocessing": "frozenvl ImagePreprocessor from the saved preprocessor_config.json (pad to square, 224x224)",
+            "preprocessing": "frozenvl ImagePreprocessor, saved preprocessor_config.json (pad to square, 224x224)",
             "input_shape": list(pixels.shape),
             "compared_tensor": last_hidden_state_name(onnx_path),
             "max_abs_diff": max_diff,
