@@ -263,9 +263,9 @@ def test_chat_agreement_counts_what_it_should(bases):
     # so a small perturbation of those changes some greedy answers and leaves others
     m = frozenvl.build(llm, vis, workflows={"iaa": {"family": "inner_adaptor", "layers": []}})
     perturb(m, "iaa", seed=4, scale=0.002)
-    prompts = default_chat_prompts()[:8]
+    prompts = default_chat_prompts()[:6]
     res = chat_agreement(m, ["iaa"], prompts, max_new_tokens=6, batch_size=3, progress=False)
-    assert res["n_prompts"] == 8
+    assert res["n_prompts"] == 6
     base = [_answer(m, "text", p) for p in prompts]
     with fallback_off(m, ["iaa"]):
         own = [_answer(m, "iaa", p) for p in prompts]
@@ -274,9 +274,9 @@ def test_chat_agreement_counts_what_it_should(bases):
     assert 0 < len(expected) < len(prompts), "the constructed case must mix agreeing and differing prompts"
     got = res["tasks"]["iaa"]
     assert got["own_path"]["differing"] == expected
-    assert got["own_path"]["agreement"] == (8 - len(expected)) / 8
-    assert got["own_path"]["n_same"] == 8 - len(expected)
-    assert got["deployed"] == {"agreement": 1.0, "n_same": 8, "differing": []}
+    assert got["own_path"]["agreement"] == (6 - len(expected)) / 6
+    assert got["own_path"]["n_same"] == 6 - len(expected)
+    assert got["deployed"] == {"agreement": 1.0, "n_same": 6, "differing": []}
     assert m.workflow("iaa").cfg.text_fallback  # restored
     with pytest.raises(ValueError, match="non-empty strings; not so at index \\[1\\]"):
         chat_agreement(m, ["iaa"], ["ok", " "])
