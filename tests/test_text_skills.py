@@ -223,6 +223,8 @@ def test_scoring_errors(bench_root, model):
         score_multiple_choice(model, [MCItem("x", "Q:", (" a", " b"), 2)])
     with pytest.raises(ValueError, match="tokenizes to nothing"):
         score_multiple_choice(model, [MCItem("x", "Q:", ("", " b"), 0)], progress=False)
+    with pytest.raises(ValueError, match="tokenizes to nothing and there is no bos"):
+        score_multiple_choice(model, [MCItem("x", "", (" a", " b"), 0)], progress=False)
     with pytest.raises(ValueError, match="no items"):
         score_multiple_choice(model, [])
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..data.prompt import left_pad, position_ids_from_mask
 from ..model import TEXT_TASK
 
 if TYPE_CHECKING:
@@ -73,10 +74,6 @@ class MCItem:
     gold: int
 
 
-def _type_name(t: "pa.DataType") -> str:
-    return str(t)
-
-
 def _arc_schema_ok(schema: "pa.Schema") -> list[str]:
     import pyarrow as pa
 
@@ -91,7 +88,7 @@ def _arc_schema_ok(schema: "pa.Schema") -> list[str]:
                 sub = t.field(name).type
                 ok = ok and pa.types.is_list(sub) and pa.types.is_string(sub.value_type)
         if not ok:
-            problems.append(f"column 'choices' is {_type_name(t)}, expected struct<text: list<string>, label: list<string>>")
+            problems.append(f"column 'choices' is {str(t)}, expected struct<text: list<string>, label: list<string>>")
     return problems
 
 
@@ -102,7 +99,7 @@ def _piqa_schema_ok(schema: "pa.Schema") -> list[str]:
     if "label" not in schema.names:
         problems.append("column 'label' is missing")
     elif not pa.types.is_integer(schema.field("label").type):
-        problems.append(f"column 'label' is {_type_name(schema.field('label').type)}, expected an integer")
+        problems.append(f"column 'label' is {str(schema.field('label').type)}, expected an integer")
     return problems
 
 
@@ -114,16 +111,16 @@ def _need_strings(schema: "pa.Schema", names: Sequence[str]) -> list[str]:
         if name not in schema.names:
             problems.append(f"column {name!r} is missing")
         elif not (pa.types.is_string(schema.field(name).type) or pa.types.is_large_string(schema.field(name).type)):
-            problems.append(f"column {name!r} is {_type_name(schema.field(name).type)}, expected string")
+            problems.append(f"column {name!r} is {str(schema.field(name).type)}, expected string")
     return problems
 
 
 def _arc_item(row: dict[str, Any], index: int, where: str) -> MCItem:
     texts, labels = row["choices"]["text"], row["choices"]["label"]
     if len(texts) != len(labels) or len(texts) < 2:
-        raise ValueError(f"{where}, row {index}: {len(texts)} choice texts for {len(labels)} labels (need >= 2, equal)")
+        raise ValueError(f"{where}: {len(texts)} choice texts for {len(labels)} labels (need as many, and >= 2)")
     if row["answerKey"] not in labels:
-        raise ValueError(f"{where}, row {index}: answerKey {row['answerKey']!r} is not one of the labels {labels}")
+        raise ValueError(f"{where}: answerKey {row['answerKey']!r} is not one of the labels {labels}")
     return MCItem(
         id=str(row["id"]),
         context=f"Question: {row['question']}\nAnswer:",
@@ -134,7 +131,7 @@ def _arc_item(row: dict[str, Any], index: int, where: str) -> MCItem:
 
 def _piqa_item(row: dict[str, Any], index: int, where: str) -> MCItem:
     if row["label"] not in (0, 1):
-        raise ValueError(f"{where}, row {index}: label {row['label']!r} is not 0 or 1 (a split without gold answers?)")
+        raise ValueError(f"{where}: label {row['label']!r} is not 0 or 1 (a split without gold answers?)")
     return MCItem(
         id=str(index),
         context=f"Goal: {row['goal']}\nAnswer:",
@@ -151,7 +148,7 @@ class Benchmark:
     path: str
     config: str
     check_schema: Callable[["pa.Schema"], list[str]]
-    to_item: Callable[[dict[str, Any], int, str], MCItem]
+    to_item: Callable[[dict[str, Any], int, str], MCItem]  # (row, index in the split, where for errors)
     expected: str  # the schema, in words, for error messages
     olmes_primary: str  # the metric OLMES reports first for this task (its config.json)
 
@@ -224,7 +221,7 @@ def load_benchmark(
                 f"found {table.schema.names}"
             )
         for i, row in enumerate(table.to_pylist()):
-            items.append(bench.to_item(row, len(items), path))
+            items.append(bench.to_item(row, len(items), f"{path}, row {i}"))
             if limit is not None and len(items) >= limit:
                 return items
     return items
@@ -283,6 +280,9 @@ def _request_tokens(
         if not cont:
             raise ValueError(f"item {item.id!r}, choice {k}: the continuation {cont_text!r} tokenizes to nothing")
         seq = ctx + cont
+        if len(seq) < 2:
+            raise ValueError(f"item {item.id!r}: the context {item.context!r} tokenizes to nothing and there is no "
+                             "bos token: nothing to condition the first continuation token on")
         if max_len is not None and len(seq) > max_len:
             if len(cont) >= max_len:
                 raise ValueError(f"item {item.id!r}, choice {k}: the continuation alone has {len(cont)} tokens, "
@@ -307,7 +307,7 @@ def score_multiple_choice(
 
     `deployed=False` (own path): the workflow's own forward on the image-free text, whatever its
     `text_fallback`. `deployed=True`: the workflow the model routes an image-free request to.
-    `batch_size` is the number of (context, choice) rows per forward pass, right-padded; rows are
+    `batch_size` is the number of (context, choice) rows per forward pass, left-padded; rows are
     sorted by length so that padding stays small. `add_bos`: None prepends the tokenizer's bos
     token when it has one. `limit` scores the first N items.
     """
@@ -354,18 +354,16 @@ def score_multiple_choice(
                                    disable=_progress_disabled(progress), dynamic_ncols=True) as bar:
             for b in range(0, len(order), batch_size):
                 batch = [requests[r] for r in order[b : b + batch_size]]
-                width = max(len(ids) - 1 for _, _, ids, _ in batch)  # the last token is only a target
-                input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, (_, _, ids, _) in enumerate(batch):
-                    input_ids[row, : len(ids) - 1] = torch.tensor(ids[:-1])
-                    mask[row, : len(ids) - 1] = 1
+                # left-padded, so every row's continuation ends the row and only the last `keep`
+                # positions need logits (the head over the vocabulary is most of the memory)
+                input_ids, mask = left_pad([ids[:-1] for _, _, ids, _ in batch], pad)  # the last token is only a target
+                keep = max(n for _, _, _, n in batch)
                 run = model.route(task, input_ids, None) if deployed else task
                 ran.add(run)
-                logits = model(input_ids, mask, task=run).logits
+                logits = model(input_ids, mask, task=run, position_ids=position_ids_from_mask(mask),
+                               logits_to_keep=keep).logits
                 for row, (i, k, ids, n) in enumerate(batch):
-                    first = len(ids) - 1 - n  # the logit row that predicts the first continuation token
-                    lp = logits[row, first : first + n].float().log_softmax(-1)
+                    lp = logits[row, keep - n :].float().log_softmax(-1)
                     target = torch.tensor(ids[-n:], device=lp.device)
                     logprobs[i][k] = float(lp.gather(-1, target[:, None]).sum())
                 bar.update(len(batch))
