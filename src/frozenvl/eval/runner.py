@@ -409,6 +409,7 @@ def text_preservation(
     *,
     tasks: Sequence[str],
     baseline: str = "text",
+    own_path: bool = False,
     **kw: Any,
 ) -> dict[str, Any]:
     """Answer the text-only items (those without an image) with `baseline` and with each of `tasks`.
@@ -418,6 +419,9 @@ def text_preservation(
     item's kind, exact match for text items) and ``same_answers`` the fraction of items whose
     answer is identical to the baseline's. A workflow that leaves text-only inputs to the frozen
     base answers exactly like it: ``same_answers == 1.0``. `kw` goes to :func:`evaluate`.
+
+    `own_path` also answers with each workflow's own path (its `text_fallback` off), the figure
+    that tells families apart; it is under ``tasks[name]["own_path"]``, same keys.
     """
     if isinstance(tasks, str):
         tasks = [tasks]
@@ -429,17 +433,31 @@ def text_preservation(
     names = [baseline, *[t for t in tasks if t != baseline]]
     reports = {name: evaluate(model, text_items, task=name, **kw) for name in names}
     base = {p["id"]: p["prediction"] for p in reports[baseline].predictions}
-    out: dict[str, Any] = {"baseline": baseline, "n_items": len(text_items), "tasks": {}}
-    for name, report in reports.items():
+
+    def compare(report: EvalReport) -> dict[str, Any]:
         preds = report.predictions
         differing = [p["id"] for p in preds if base.get(p["id"]) != p["prediction"]]
         n = len(preds)
-        out["tasks"][name] = {
+        return {
             "accuracy": _mean([p["score"] for p in preds]),
             "same_answers": (n - len(differing)) / n if n else math.nan,
             "n_same": n - len(differing),
             "differing_ids": differing,
             "metrics": report.metrics,
         }
+
+    out: dict[str, Any] = {"baseline": baseline, "n_items": len(text_items), "tasks": {}}
+    for name, report in reports.items():
+        out["tasks"][name] = compare(report)
+    if own_path:
+        from .text_skills import fallback_off
+
+        for name in names:
+            falls_back = name != "text" and model.workflow(name).cfg.text_fallback
+            if not falls_back:  # its deployed answers are its own path's already
+                out["tasks"][name]["own_path"] = dict(out["tasks"][name])
+                continue
+            with fallback_off(model, [name]):
+                out["tasks"][name]["own_path"] = compare(evaluate(model, text_items, task=name, **kw))
     return out
 
