@@ -556,3 +556,45 @@ def test_pixels_equal_transformers_image_processor(tmp_path: Path, kind: str) ->
     ref = hf(images=square, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(stretch(square), ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(pad(square), ref, atol=1e-5, rtol=0)
+
+
+def test_fallback_for_dinov2_uses_imagenet_statistics(tmp_path: Path) -> None:
+    from transformers import Dinov2Config
+
+    with pytest.warns(UserWarning, match="dinov2"):
+        pre = ImagePreprocessor.from_pretrained(tmp_path, vision_config=Dinov2Config(image_size=28))
+    assert pre.size == (28, 28) and pre.resample == 3
+    assert pre.image_mean == (0.485, 0.456, 0.406) and pre.image_std == (0.229, 0.224, 0.225)
+
+
+def test_resize_smaller_than_crop_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"resize \(20, 20\) is smaller than the crop size \(24, 24\)"):
+        ImagePreprocessor(size=(24, 24), resize=(20, 20), image_mean=CLIP_MEAN, image_std=CLIP_STD)
+
+
+def test_resize_mode_stretches_then_crops() -> None:
+    """`resize` mode with a crop: stretch to the resize size, then the HF centre crop."""
+    pre = ImagePreprocessor(size=(20, 20), resize=(26, 26), image_mean=(0.0,) * 3, image_std=(1.0,) * 3,
+                            mode="resize", resample=2, rescale_factor=1.0)
+    img = _patterned((50, 30))
+    expected = np.asarray(img.resize((26, 26), resample=2), dtype=np.float32)[3:23, 3:23]
+    torch.testing.assert_close(pre(img)[0], torch.from_numpy(expected).permute(2, 0, 1), atol=1e-4, rtol=0)
+
+
+def test_hub_id_reads_the_cached_preprocessor_config(tmp_path: Path, monkeypatch) -> None:
+    """A hub id (not a local directory) finds its preprocessor_config.json in the HF cache (offline)."""
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--someorg--tiny-dino"
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    _write_config(snap, size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}, resample=3,
+                  image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+                  image_processor_type="BitImageProcessor")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    pre = ImagePreprocessor.from_pretrained("someorg/tiny-dino")
+    assert pre.size == (32, 32) and pre.resize == (36, 36)
+    assert pre.image_mean == (0.485, 0.456, 0.406)

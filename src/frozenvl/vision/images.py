@@ -48,6 +48,8 @@ _VALID_RESAMPLE = (0, 1, 2, 3, 4, 5)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 
@@ -343,10 +345,23 @@ def _parse_size(value: Any, key: str, source: str) -> tuple[int, int]:
     raise ValueError(f"{source}: unsupported {key!r} value {value!r}")
 
 
+def _hub_config_file(repo_id: str) -> Path | None:
+    """A hub id's preprocessor_config.json through the HF cache (and the hub unless offline), or None."""
+    try:
+        from transformers.utils import cached_file
+
+        found = cached_file(repo_id, PRETRAINED_CONFIG_NAME, _raise_exceptions_for_missing_entries=False)
+    except (OSError, ValueError):  # not a valid repo id, unreachable hub, nothing cached
+        return None
+    return Path(found) if found else None
+
+
 def _family_defaults(model_type: str) -> tuple[tuple[float, ...], tuple[float, ...], int]:
     """(mean, std, resample) of HF's image processor for that encoder family."""
     if "clip" in model_type.lower():
         return CLIP_MEAN, CLIP_STD, 3  # CLIPImageProcessor: bicubic
+    if "dinov2" in model_type.lower() or "bitimageprocessor" in model_type.lower():
+        return IMAGENET_MEAN, IMAGENET_STD, 3  # DINOv2's BitImageProcessor: ImageNet statistics, bicubic
     return SIGLIP_MEAN, SIGLIP_STD, 2  # SiglipImageProcessor: bilinear
 
 
@@ -407,6 +422,8 @@ class ImagePreprocessor:
         """
         path = Path(path_or_dir)
         config_file = path if path.is_file() else path / PRETRAINED_CONFIG_NAME
+        if not path.exists():
+            config_file = _hub_config_file(str(path_or_dir)) or config_file
         model_type = str(getattr(vision_config, "model_type", "") or "")
 
         if config_file.is_file():
