@@ -166,3 +166,32 @@ def test_dinov2_workflows_count_tokens_and_train(bases, images, arch):
     answer = model.generate(prompt="<image>\nwhat shape", images=[images[0]], task="prefix_cls",
                             max_new_tokens=3, eos_token_id=[])
     assert answer.shape == (1, 3)
+
+
+def test_dinov2_with_registers_in_the_pooling_and_resampler_families(bases, images):
+    """bind, adaption_prompt (v1 mean / cls pool, v2) and cross_attention take DINOv2 features too
+    (registers dropped, CLS kept where asked): finite logits and a training step each."""
+    llm, vdir = bases("llama", "dinov2_registers")
+    workflows = {
+        "bind": {"family": "bind"},
+        "ap_mean": {"family": "adaption_prompt", "adapter_len": 4, "adapter_layers": 2, "visual": "v1"},
+        "ap_cls": {"family": "adaption_prompt", "adapter_len": 4, "adapter_layers": 2, "visual": "v1",
+                   "pool": "cls", "keep_cls": True},
+        "ap_v2": {"family": "adaption_prompt", "adapter_len": 3, "adapter_layers": 2, "visual": "v2",
+                  "v2_queries": 3, "v2_blocks": 1},
+        "xattn": {"family": "cross_attention", "every": 1, "resampler_depth": 1, "resampler_latents": 4,
+                  "resampler_heads": 2, "resampler_head_dim": 8},
+    }
+    model = frozenvl.build(llm, vdir, workflows=workflows)
+    for task in workflows:
+        inputs = model.prepare_inputs(["<image>\nwhat shape is it"], [[images[0]]], task=task)
+        labels = inputs["input_ids"].masked_fill(inputs["input_ids"] < 0, -100)
+        params = model.trainable_parameters(task)
+        opt = torch.optim.AdamW(params, lr=1e-2)
+        before = [p.detach().clone() for p in params]
+        model.train()
+        out = model(**inputs, labels=labels, task=task)
+        assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss), task
+        out.loss.backward()
+        opt.step()
+        assert any(not torch.equal(a, p) for a, p in zip(before, params)), task
