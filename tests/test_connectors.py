@@ -150,3 +150,17 @@ def test_keep_cls_with_pixel_shuffle_is_a_clear_error(bases, images):
                                                         "keep_cls": True}})
     with pytest.raises(ValueError, match="17 tokens, not a square.*keep_cls: false"):
         model.prepare_inputs(["<image>\nhi"], [[images[0]]], task="mm")
+
+
+def test_pixel_shuffle_workflow_saves_and_loads(bases, images, tmp_path):
+    from .conftest import perturb
+
+    llm, vdir = bases("llama", "dinov2")
+    model = frozenvl.build(llm, vdir, workflows={"mm": {"family": "prefix", "connector": "pixel_shuffle:factor=2"}})
+    perturb(model, "mm")
+    model.save_pretrained(tmp_path / "saved")
+    again = frozenvl.load(tmp_path / "saved")
+    assert again.workflows["mm"].cfg.connector == "pixel_shuffle:factor=2"
+    inputs = model.prepare_inputs(["<image>\nwhat shape"], [[images[1]]], task="mm")
+    with torch.no_grad():
+        assert torch.equal(model(**inputs, task="mm").logits, again(**inputs, task="mm").logits)
