@@ -429,3 +429,172 @@ def test_preprocessor_honours_max_pixels() -> None:
     pre = ImagePreprocessor(size=(8, 8), image_mean=CLIP_MEAN, image_std=CLIP_STD, max_pixels=100)
     with pytest.raises(ImageError, match="limit"):
         pre(Image.new("RGB", (20, 20)))
+
+
+# ----------------------------------------------------------------------------- bounded memory
+
+# Peak RSS growth allowed while preprocessing extreme-aspect images, over a warmed-up baseline.
+# A side x side pad canvas would be 768 MB for 1x16000 and 12 GB for 1x64000.
+_RSS_BOUND_MB = 64
+
+_RSS_SCRIPT = r"""
+import json, resource, sys
+import torch
+torch.set_num_threads(1)
+from PIL import Image
+from frozenvl.vision.images import CLIP_MEAN, CLIP_STD, ImagePreprocessor
+
+def vm_size_kb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmSize:"):
+            return int(line.split()[1])
+
+pres = [
+    ImagePreprocessor(size=(32, 32), image_mean=CLIP_MEAN, image_std=CLIP_STD, mode="pad"),
+    ImagePreprocessor(size=(28, 28), resize=(32, 32), image_mean=CLIP_MEAN, image_std=CLIP_STD, mode="pad"),
+    ImagePreprocessor(size=(32, 32), image_mean=CLIP_MEAN, image_std=CLIP_STD, mode="resize"),
+]
+for pre in pres:  # warm up every code path on a normal image
+    pre(Image.new("RGB", (64, 48), (10, 200, 30)))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# Cap the address space so an unbounded allocation fails fast here instead of swapping the machine.
+limit = (vm_size_kb() + 2 * 1024 * 1024) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+shapes = []
+for path in sys.argv[1:]:
+    for pre in pres:
+        shapes.append(list(pre(path).shape))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"base_kb": base, "peak_kb": peak, "shapes": shapes}))
+"""
+
+
+def test_extreme_aspect_ratio_stays_within_memory_bound(tmp_path: Path) -> None:
+    """Pad mode must not allocate a side x side canvas for a 1-pixel-wide strip (issue 13.2)."""
+    import os
+    import subprocess
+    import sys
+
+    paths = []
+    for w, h in [(16000, 1), (64000, 1), (1, 64000), (3, 40000)]:
+        path = tmp_path / f"strip_{w}x{h}.png"
+        Image.new("RGB", (w, h), (200, 10, 10)).save(path)
+        assert path.stat().st_size < 2000  # a few hundred bytes each
+        paths.append(str(path))
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT, *paths], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["shapes"] == [[1, 3, 32, 32], [1, 3, 28, 28], [1, 3, 32, 32]] * len(paths)
+    grown_mb = (result["peak_kb"] - result["base_kb"]) / 1024
+    assert grown_mb < _RSS_BOUND_MB, f"peak RSS grew by {grown_mb:.0f} MB (bound {_RSS_BOUND_MB} MB)"
+
+
+def test_strip_is_shrunk_before_padding_and_stays_centred() -> None:
+    """Beyond max_pixels for the canvas, the strip is resized first and pasted centred on the padding."""
+    pre = ImagePreprocessor(size=(32, 32), image_mean=CLIP_MEAN, image_std=CLIP_STD, max_pixels=1_000_000)
+    out = pre(Image.new("RGB", (16000, 1), RED))[0]  # canvas would be 256 M pixels
+    red = _normalised(RED, CLIP_MEAN, CLIP_STD).view(3, 1)
+    torch.testing.assert_close(out[:, 15], red.expand(3, 32), atol=1e-5, rtol=0)  # the strip: one row, centred
+    rest = torch.cat([out[:, :15], out[:, 16:]], dim=1)
+    assert rest.abs().max() < 0.01  # everything else is the mean-colour padding
+    tall = pre(Image.new("RGB", (2, 40000), RED))[0]
+    torch.testing.assert_close(tall[:, :, 15], red.expand(3, 32), atol=1e-5, rtol=0)
+    assert torch.cat([tall[:, :, :15], tall[:, :, 16:]], dim=2).abs().max() < 0.01
+
+
+def test_expand_to_square_refuses_huge_canvas() -> None:
+    with pytest.raises(ImageError, match=r"16000x16000.*max_pixels=1,000,000"):
+        expand_to_square(Image.new("RGB", (16000, 1)), (0, 0, 0), max_pixels=1_000_000)
+
+
+# ----------------------------------------------------------------------------- parity with transformers
+
+_SIZES = [(40, 20), (24, 36), (32, 32), (61, 17), (7, 90)]
+
+
+def _llava_pad(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """LLaVA's expand2square, written out: centred on a mean-colour square, odd pixel right/bottom."""
+    w, h = img.size
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+@pytest.mark.parametrize("kind", ["clip", "dinov2"])
+def test_pixels_equal_transformers_image_processor(tmp_path: Path, kind: str) -> None:
+    """pad mode == LLaVA's expand2square + the HF processor; a square image == the HF processor alone.
+
+    dinov2 is BitImageProcessor's config (resize shortest edge 256, centre crop 224) scaled down:
+    resize and crop sizes differ, so the crop is a real crop of the resized image.
+    """
+    from transformers import BitImageProcessorPil, CLIPImageProcessorPil
+
+    if kind == "clip":
+        hf = CLIPImageProcessorPil(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
+    else:
+        hf = BitImageProcessorPil(
+            size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}, resample=3,
+            image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+        )
+    hf.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["image_processor_type"] == {"clip": "CLIPImageProcessor", "dinov2": "BitImageProcessor"}[kind]
+    pad = ImagePreprocessor.from_pretrained(tmp_path, mode="pad")
+    stretch = ImagePreprocessor.from_pretrained(tmp_path, mode="resize")
+    assert pad.size == ((30, 30) if kind == "clip" else (32, 32))
+    for size in _SIZES:
+        img = _patterned(size)
+        ref = hf(images=_llava_pad(img, pad.fill_color()), return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(pad(img), ref, atol=1e-5, rtol=0)
+    square = _patterned((45, 45))
+    ref = hf(images=square, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(stretch(square), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pad(square), ref, atol=1e-5, rtol=0)
+
+
+def test_fallback_for_dinov2_uses_imagenet_statistics(tmp_path: Path) -> None:
+    from transformers import Dinov2Config
+
+    with pytest.warns(UserWarning, match="dinov2"):
+        pre = ImagePreprocessor.from_pretrained(tmp_path, vision_config=Dinov2Config(image_size=28))
+    assert pre.size == (28, 28) and pre.resample == 3
+    assert pre.image_mean == (0.485, 0.456, 0.406) and pre.image_std == (0.229, 0.224, 0.225)
+
+
+def test_resize_smaller_than_crop_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"resize \(20, 20\) is smaller than the crop size \(24, 24\)"):
+        ImagePreprocessor(size=(24, 24), resize=(20, 20), image_mean=CLIP_MEAN, image_std=CLIP_STD)
+
+
+def test_resize_mode_stretches_then_crops() -> None:
+    """`resize` mode with a crop: stretch to the resize size, then the HF centre crop."""
+    pre = ImagePreprocessor(size=(20, 20), resize=(26, 26), image_mean=(0.0,) * 3, image_std=(1.0,) * 3,
+                            mode="resize", resample=2, rescale_factor=1.0)
+    img = _patterned((50, 30))
+    expected = np.asarray(img.resize((26, 26), resample=2), dtype=np.float32)[3:23, 3:23]
+    torch.testing.assert_close(pre(img)[0], torch.from_numpy(expected).permute(2, 0, 1), atol=1e-4, rtol=0)
+
+
+def test_hub_id_reads_the_cached_preprocessor_config(tmp_path: Path, monkeypatch) -> None:
+    """A hub id (not a local directory) finds its preprocessor_config.json in the HF cache (offline)."""
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--someorg--tiny-dino"
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    _write_config(snap, size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}, resample=3,
+                  image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+                  image_processor_type="BitImageProcessor")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    pre = ImagePreprocessor.from_pretrained("someorg/tiny-dino")
+    assert pre.size == (32, 32) and pre.resize == (36, 36)
+    assert pre.image_mean == (0.485, 0.456, 0.406)

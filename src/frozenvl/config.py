@@ -25,6 +25,14 @@ class ConfigError(ValueError):
     """A config value or key is wrong; the message says which and what is allowed."""
 
 
+# Families whose connector (if any) never sees the patch grid, so a token-reducing one cannot apply.
+_NO_TOKEN_GRID_CONNECTOR = {
+    "adaption_prompt": "pools each image to one vector (visual v1) or reads it with learned queries (v2)",
+    "bind": "pools each image to one vector for its bind network",
+    "cross_attention": "reads the vision features with its resampler and cross-attention, not a connector",
+}
+
+
 def _check_keys(cls: type, data: dict[str, Any], where: str) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
@@ -37,7 +45,8 @@ class WorkflowConfig:
     """Fields every multimodal workflow has, whatever its family."""
 
     family: str
-    connector: str = "mlp2x_gelu"  # "linear" | "mlpNx_gelu"
+    # "linear" | "mlpNx_gelu" | "pixel_shuffle[:factor=F,depth=D]" | "avg_pool[:factor=F,depth=D]" (vision/connectors.py)
+    connector: str = "mlp2x_gelu"
     select_layer: int = -2  # which vision hidden state feeds the connector
     keep_cls: bool = False  # keep the CLS token (LLaVA's "full" select strategy) instead of patches only
     image_mode: str = "pad"  # "pad" (LLaVA: pad to square with the mean colour) | "resize"
@@ -53,12 +62,20 @@ class WorkflowConfig:
             raise ConfigError(f"image_mode {self.image_mode!r} is not one of {list(IMAGE_MODES)}")
         if self.llm_train not in LLM_TRAIN_MODES:
             raise ConfigError(f"llm_train {self.llm_train!r} is not one of {list(LLM_TRAIN_MODES)}")
-        from .vision.connectors import check_connector_name
+        from .vision.connectors import check_connector_name, is_token_reducing
 
         if self.text_fallback is None:
             self.text_fallback = self.llm_train == "frozen"
 
-        check_connector_name(self.connector)
+        try:
+            check_connector_name(self.connector)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if is_token_reducing(self.connector) and self.family in _NO_TOKEN_GRID_CONNECTOR:
+            raise ConfigError(
+                f"connector {self.connector!r} merges patch tokens, but {self.family} "
+                f"{_NO_TOKEN_GRID_CONNECTOR[self.family]}: use linear or mlpNx_gelu"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -12,8 +12,9 @@ builds them from scratch in a few seconds on a CPU:
   ``apply_chat_template(..., return_assistant_tokens_mask=True)`` works.
 * :func:`build_llm` builds a randomly initialised causal LM (Llama, Qwen2,
   Qwen3 or Mistral) sized to the tokenizer.
-* :func:`build_vision` builds a randomly initialised CLIP or SigLIP vision
-  tower plus a ``preprocessor_config.json`` like the real checkpoints'.
+* :func:`build_vision` builds a randomly initialised CLIP, SigLIP, DINOv2 or
+  DINOv2-with-registers vision tower plus a ``preprocessor_config.json`` like
+  the real checkpoints'.
 * :func:`build_tiny_bases` does all of the above into ``root/"llm"`` and
   ``root/"vision"``.
 
@@ -381,10 +382,27 @@ def build_llm(
 # Vision towers
 # --------------------------------------------------------------------------
 
-VISION_ARCHS: tuple[str, ...] = ("clip", "siglip")
+VISION_ARCHS: tuple[str, ...] = ("clip", "siglip", "dinov2", "dinov2_registers")
 
 
 def _preprocessor_config(arch: str, image_size: int) -> dict[str, Any]:
+    if arch.startswith("dinov2"):
+        # BitImageProcessor, as facebook/dinov2-*: resize the shortest edge to 8/7 of the crop
+        # (256 for 224), then centre-crop; ImageNet mean/std.
+        return {
+            "crop_size": {"height": image_size, "width": image_size},
+            "do_center_crop": True,
+            "do_convert_rgb": True,
+            "do_normalize": True,
+            "do_rescale": True,
+            "do_resize": True,
+            "image_mean": [0.485, 0.456, 0.406],
+            "image_processor_type": "BitImageProcessor",
+            "image_std": [0.229, 0.224, 0.225],
+            "resample": 3,
+            "rescale_factor": 1 / 255,
+            "size": {"shortest_edge": image_size * 8 // 7},
+        }
     if arch == "clip":
         return {
             "crop_size": {"height": image_size, "width": image_size},
@@ -423,11 +441,15 @@ def build_vision(
     num_layers: int = 2,
     num_heads: int = 2,
     seed: int = 0,
+    num_register_tokens: int = 4,
 ) -> str:
-    """Build a tiny randomly initialised CLIP/SigLIP vision tower in ``out_dir``.
+    """Build a tiny randomly initialised vision tower (one of ``VISION_ARCHS``) in ``out_dir``.
 
     Also writes a ``preprocessor_config.json`` shaped like the real
-    checkpoints'.  Returns ``str(out_dir)``.
+    checkpoints'.  ``image_size`` is what the preprocessing produces; the DINOv2
+    configs, like facebook/dinov2-* (518 vs 224), hold a position grid twice as
+    large, so their position embeddings are interpolated.  ``num_register_tokens``
+    is for ``dinov2_registers`` only.  Returns ``str(out_dir)``.
     """
     import torch
 
@@ -448,6 +470,19 @@ def build_vision(
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
         config, cls = CLIPVisionConfig(**common), CLIPVisionModel
+    elif arch == "dinov2":
+        from transformers import Dinov2Config, Dinov2Model
+
+        common.update(image_size=2 * image_size, mlp_ratio=2, layerscale_value=1.0)
+        del common["intermediate_size"]
+        config, cls = Dinov2Config(**common), Dinov2Model
+    elif arch == "dinov2_registers":
+        from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+        common.update(image_size=2 * image_size, mlp_ratio=2, layerscale_value=1.0,
+                      num_register_tokens=num_register_tokens)
+        del common["intermediate_size"]
+        config, cls = Dinov2WithRegistersConfig(**common), Dinov2WithRegistersModel
     else:
         from transformers import SiglipVisionConfig, SiglipVisionModel
 

@@ -48,6 +48,8 @@ _VALID_RESAMPLE = (0, 1, 2, 3, 4, 5)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 
@@ -256,11 +258,23 @@ def square_pad_offsets(width: int, height: int) -> tuple[int, int, int]:
     return side, (side - width) // 2, (side - height) // 2
 
 
-def expand_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+def _check_canvas(side: int, max_pixels: int) -> None:
+    if side * side > max_pixels:
+        raise ImageError(
+            f"padding to a square would need a {side}x{side} = {side * side:,} pixel canvas, "
+            f"over the limit of max_pixels={max_pixels:,}"
+        )
+
+
+def expand_to_square(
+    img: Image.Image, fill: tuple[int, int, int], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
     """LLaVA "pad" mode: centre ``img`` on a square canvas of side ``max(w, h)``.
 
     The result is RGB (non-RGB inputs are converted first). A square RGB input is
-    returned unchanged (same object).
+    returned unchanged (same object). A canvas over ``max_pixels`` raises
+    :class:`ImageError` (a 1x16000 strip would need 256 M pixels); :class:`ImagePreprocessor`
+    shrinks such images before padding instead.
     """
     if img.mode != "RGB":
         img = _to_rgb(img, "<PIL image>")
@@ -268,9 +282,47 @@ def expand_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Imag
     if width == height:
         return img
     side, left, top = square_pad_offsets(width, height)
+    _check_canvas(side, max_pixels)
     canvas = Image.new("RGB", (side, side), tuple(int(c) for c in fill))
     canvas.paste(img, (left, top))
     return canvas
+
+
+def _pad_then_resize(
+    img: Image.Image, fill: tuple[int, int, int], out_hw: tuple[int, int], resample: int, max_pixels: int
+) -> Image.Image:
+    """Pad to a square, then resize the square to ``out_hw`` (height, width), allocating a bounded amount.
+
+    While the square canvas fits in ``max_pixels`` this is exactly :func:`expand_to_square` followed
+    by one resize (LLaVA's pixels). Beyond that (extreme aspect ratios: the canvas grows with the
+    square of the long side) the image is first resized to the size it would have inside the
+    resized canvas and then pasted centred, so nothing larger than the source or ``out_hw`` is ever
+    allocated; the values differ from the ideal only by resampling at the padding border.
+    """
+    width, height = img.size
+    side, left, top = square_pad_offsets(width, height)
+    out_h, out_w = out_hw
+    if side * side <= max_pixels:
+        img = expand_to_square(img, fill, max_pixels)
+        return img if img.size == (out_w, out_h) else img.resize((out_w, out_h), resample=resample)
+    new_w = max(1, round(width * out_w / side))
+    new_h = max(1, round(height * out_h / side))
+    small = img.resize((new_w, new_h), resample=resample)
+    canvas = Image.new("RGB", (out_w, out_h), tuple(int(c) for c in fill))
+    canvas.paste(small, ((out_w - new_w) // 2, (out_h - new_h) // 2))
+    return canvas
+
+
+def _center_crop(img: Image.Image, out_hw: tuple[int, int]) -> Image.Image:
+    """HF's center_crop on an image at least ``out_hw`` large: top/left offsets round down."""
+    out_h, out_w = out_hw
+    width, height = img.size
+    if (width, height) == (out_w, out_h):
+        return img
+    if width < out_w or height < out_h:
+        raise ValueError(f"cannot centre-crop a {width}x{height} image to {out_w}x{out_h}")
+    top, left = (height - out_h) // 2, (width - out_w) // 2
+    return img.crop((left, top, left + out_w, top + out_h))
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -293,16 +345,34 @@ def _parse_size(value: Any, key: str, source: str) -> tuple[int, int]:
     raise ValueError(f"{source}: unsupported {key!r} value {value!r}")
 
 
+def _hub_config_file(repo_id: str) -> Path | None:
+    """A hub id's preprocessor_config.json through the HF cache (and the hub unless offline), or None."""
+    try:
+        from transformers.utils import cached_file
+
+        found = cached_file(repo_id, PRETRAINED_CONFIG_NAME, _raise_exceptions_for_missing_entries=False)
+    except (OSError, ValueError):  # not a valid repo id, unreachable hub, nothing cached
+        return None
+    return Path(found) if found else None
+
+
 def _family_defaults(model_type: str) -> tuple[tuple[float, ...], tuple[float, ...], int]:
     """(mean, std, resample) of HF's image processor for that encoder family."""
     if "clip" in model_type.lower():
         return CLIP_MEAN, CLIP_STD, 3  # CLIPImageProcessor: bicubic
+    if "dinov2" in model_type.lower() or "bitimageprocessor" in model_type.lower():
+        return IMAGENET_MEAN, IMAGENET_STD, 3  # DINOv2's BitImageProcessor: ImageNet statistics, bicubic
     return SIGLIP_MEAN, SIGLIP_STD, 2  # SiglipImageProcessor: bilinear
 
 
 @dataclass
 class ImagePreprocessor:
-    """HF-compatible CLIP/SigLIP preprocessing: load -> (pad) -> resize -> rescale -> normalise."""
+    """HF-compatible preprocessing: load -> (pad) -> resize -> (centre crop) -> rescale -> normalise.
+
+    ``size`` is what the encoder gets. ``resize`` (default: ``size``) is what the (padded) image is
+    resized to before a centre crop to ``size``: HF processors with ``size: {shortest_edge: 256}`` and
+    ``crop_size: 224`` (DINOv2's BitImageProcessor) see a square image at 256x256, then crop 224.
+    """
 
     size: tuple[int, int]  # (height, width) fed to the encoder
     image_mean: tuple[float, float, float]
@@ -311,6 +381,7 @@ class ImagePreprocessor:
     resample: int = 3  # PIL resample code (3 = BICUBIC), as in preprocessor_config.json
     rescale_factor: float = 1 / 255
     max_pixels: int = DEFAULT_MAX_PIXELS
+    resize: tuple[int, int] | None = None  # (height, width) before the centre crop; None: size
 
     def __post_init__(self) -> None:
         if self.mode not in VALID_MODES:
@@ -319,6 +390,14 @@ class ImagePreprocessor:
         if height <= 0 or width <= 0:
             raise ValueError(f"size must be positive (height, width), got {self.size!r}")
         self.size = (height, width)
+        if self.resize is not None:
+            r_height, r_width = (int(v) for v in self.resize)
+            if r_height < height or r_width < width:
+                raise ValueError(
+                    f"resize {self.resize!r} is smaller than the crop size {self.size!r}: "
+                    "the centre crop needs an image at least as large"
+                )
+            self.resize = None if (r_height, r_width) == self.size else (r_height, r_width)
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
             raise ValueError("image_mean and image_std must have 3 values (RGB)")
         self.image_mean = tuple(float(v) for v in self.image_mean)  # type: ignore[assignment]
@@ -343,6 +422,8 @@ class ImagePreprocessor:
         """
         path = Path(path_or_dir)
         config_file = path if path.is_file() else path / PRETRAINED_CONFIG_NAME
+        if not path.exists():
+            config_file = _hub_config_file(str(path_or_dir)) or config_file
         model_type = str(getattr(vision_config, "model_type", "") or "")
 
         if config_file.is_file():
@@ -354,10 +435,13 @@ class ImagePreprocessor:
                 raise ValueError(f"{config_file}: expected a JSON object")
             source = str(config_file)
 
-            # Shortest-edge resize + square centre crop == plain resize to the crop
-            # size for a square (padded) image, so the crop size is the final size.
+            # With a centre crop the crop size is the final size and `size` what the image is
+            # resized to first (a square for a shortest edge: the image is square by then).
+            resize = None
             if cfg.get("crop_size") is not None and cfg.get("do_center_crop", True):
                 size = _parse_size(cfg["crop_size"], "crop_size", source)
+                if cfg.get("size") is not None and cfg.get("do_resize", True):
+                    resize = _parse_size(cfg["size"], "size", source)
             elif cfg.get("size") is not None:
                 size = _parse_size(cfg["size"], "size", source)
             elif vision_config is not None and getattr(vision_config, "image_size", None):
@@ -382,6 +466,7 @@ class ImagePreprocessor:
                 mode=mode,
                 resample=default_resample if resample is None else int(resample),
                 rescale_factor=rescale,
+                resize=resize,
             )
 
         if vision_config is None or not getattr(vision_config, "image_size", None):
@@ -406,11 +491,12 @@ class ImagePreprocessor:
 
     def _prepare(self, src: ImageInput, name: str | None = None) -> np.ndarray:
         img = load_image(src, name=name, max_pixels=self.max_pixels)
+        height, width = self.resize or self.size
         if self.mode == "pad":
-            img = expand_to_square(img, self.fill_color())
-        height, width = self.size
-        if img.size != (width, height):
+            img = _pad_then_resize(img, self.fill_color(), (height, width), self.resample, self.max_pixels)
+        elif img.size != (width, height):
             img = img.resize((width, height), resample=self.resample)
+        img = _center_crop(img, self.size)
         return np.asarray(img, dtype=np.uint8)  # [H, W, 3]
 
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
