@@ -129,3 +129,21 @@ def test_at_least_threshold():
     assert at_least(estimate(Scores.of([[1] * 15 + [0] * 15] * 3)), 0.95).verdict == REFUTED
     v = at_least(estimate(Scores.of([[1] * 29 + [0]] * 3)), 0.95)
     assert v.verdict == NOT_DECIDED and "contains" in v.reason
+
+
+def test_findings_wrappers():
+    from frozenvl.eval.verdicts import beats, learns_to_see, text_kept
+
+    kept = text_kept("mm", Scores.of([[1] * 40] * 3), Scores.of([[1] * 20 + [0] * 20] * 3))
+    assert kept.verdict == REFUTED and "as deployed: reproduced" in kept.reason  # the own path decides
+    assert kept.line().startswith("[refuted] mm keeps the base's text answers")
+    missing = text_kept("mm", Scores.of([[1] * 40] * 3), None)
+    assert missing.verdict == NOT_DECIDED and missing.figures["own_path"] is None
+    zeros = Scores.of([[0] * 30] * 3)
+    tie = beats("IAA g", "frozen prefix", "grounding", zeros, zeros, chance=Scores.of([[0] * 30], seed_free=True))
+    assert tie.verdict == NOT_DECIDED and "0.0% vs 0.0%" in tie.text  # the old demo said "reproduced" here
+    forgot = beats("base", "full", "seen text", Scores.of([[1] * 30], seed_free=True),
+                   Scores.of([r + r[:10] for r in POOR]), claim="full forgets")
+    assert forgot.verdict == REPRODUCED and forgot.claim == "full forgets"
+    seeing = learns_to_see("prefix", Scores.of(GOOD), Scores.of([[1] * 8 + [0] * 12], seed_free=True))
+    assert seeing.verdict == REPRODUCED and seeing.figures["vqa"]["per_seed"] == [0.9, 0.85, 0.95]

@@ -31,8 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
-    "NOT_DECIDED", "REFUTED", "REPRODUCED", "Estimate", "Scores", "Verdict", "at_least", "better",
-    "beyond", "estimate", "t_quantile",
+    "NOT_DECIDED", "PRESERVED", "REFUTED", "REPRODUCED", "Estimate", "Finding", "Scores", "Verdict",
+    "at_least", "beats", "better", "beyond", "estimate", "learns_to_see", "t_quantile", "text_kept",
 ]
 
 REPRODUCED, REFUTED, NOT_DECIDED = "reproduced", "refuted", "not decided"
@@ -223,3 +223,76 @@ def at_least(a: Estimate, threshold: float) -> Verdict:
     if a.high < threshold:
         return Verdict(REFUTED, f"the interval lies below {threshold:g}")
     return Verdict(NOT_DECIDED, f"the interval contains {threshold:g}")
+
+
+# ----------------------------------------------------------------------------- findings
+
+PRESERVED = 0.95  # "keeps the text answers": at least this share of the base's answers, unchanged
+
+
+def _pct(e: Estimate | None) -> str:
+    if e is None:
+        return "n/a"
+    if e.low is None:
+        return f"{100 * e.mean:.1f}%"
+    return f"{100 * e.mean:.1f}% [{100 * e.low:.1f}, {100 * e.high:.1f}]"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One claim, its verdict and the figures it was decided on (95% intervals in `figures`)."""
+
+    claim: str
+    verdict: str
+    reason: str
+    figures: dict[str, dict | None] = field(default_factory=dict)
+    text: str = ""  # the figures in words
+
+    def line(self) -> str:
+        return f"[{self.verdict}] {self.claim}: {self.text} ({self.reason})"
+
+    def to_dict(self) -> dict:
+        return {"claim": self.claim, "verdict": self.verdict, "reason": self.reason, "figures": self.figures,
+                "line": self.line()}
+
+
+def _figs(**ests: Estimate | None) -> dict[str, dict | None]:
+    return {k: (e.to_dict() if e is not None else None) for k, e in ests.items()}
+
+
+def text_kept(name: str, deployed: Scores, own: Scores | None, threshold: float = PRESERVED) -> Finding:
+    """"`name` keeps the base's text answers": decided on the workflow's own path (text_fallback
+    off), the figure that tells families apart. As deployed, a workflow with text_fallback sends
+    image-free prompts to the base, so that figure is 100% by construction; it is shown beside."""
+    dep = estimate(deployed)
+    own_e = estimate(own) if own is not None else None
+    dep_v = at_least(dep, threshold)
+    if own_e is None:
+        v = Verdict(NOT_DECIDED, "no own-path figure (text_fallback off could not be measured)")
+    else:
+        v = at_least(own_e, threshold)
+    return Finding(f"{name} keeps the base's text answers (>= {100 * threshold:.0f}% identical)", v.verdict,
+                   f"own path: {v.reason}; as deployed: {dep_v.verdict}",
+                   _figs(deployed=dep, own_path=own_e), f"own path {_pct(own_e)}, as deployed {_pct(dep)}")
+
+
+def beats(a_name: str, b_name: str, what: str, a: Scores, b: Scores, chance: Scores | None = None,
+          claim: str | None = None) -> Finding:
+    """"`a_name` beats `b_name` on `what`" (or `claim`, worded otherwise), decided on the paired
+    difference (same items, same seeds)."""
+    ea, eb, diff = estimate(a), estimate(b), estimate(a.minus(b))
+    ec = estimate(chance) if chance is not None else None
+    v = better(ea, eb, diff, ec)
+    text = f"{_pct(ea)} vs {_pct(eb)}, difference {_pct(diff)}"
+    if ec is not None:
+        text += f", chance {_pct(ec)}"
+    return Finding(claim or f"{a_name} beats {b_name} on {what}", v.verdict, v.reason,
+                   _figs(a=ea, b=eb, difference=diff, chance=ec), text)
+
+
+def learns_to_see(name: str, vqa: Scores, majority: Scores) -> Finding:
+    """"`name` learns to see": VQA accuracy beyond the per-type majority baseline's interval."""
+    e, m = estimate(vqa), estimate(majority)
+    v = beyond(e, m)
+    return Finding(f"{name} learns to see (VQA beyond the majority baseline)", v.verdict, v.reason,
+                   _figs(vqa=e, majority=m), f"VQA {_pct(e)} vs majority {_pct(m)}")
