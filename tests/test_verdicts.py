@@ -141,9 +141,19 @@ def test_findings_wrappers():
     assert missing.verdict == NOT_DECIDED and missing.figures["own_path"] is None
     zeros = Scores.of([[0] * 30] * 3)
     tie = beats("IAA g", "frozen prefix", "grounding", zeros, zeros, chance=Scores.of([[0] * 30], seed_free=True))
-    assert tie.verdict == NOT_DECIDED and "0.0% vs 0.0%" in tie.text  # the old demo said "reproduced" here
+    assert tie.verdict == NOT_DECIDED and tie.text.startswith("0.0% [0.0, 0.0] vs 0.0%")  # once "reproduced"
     forgot = beats("base", "full", "seen text", Scores.of([[1] * 30], seed_free=True),
                    Scores.of([r + r[:10] for r in POOR]), claim="full forgets")
     assert forgot.verdict == REPRODUCED and forgot.claim == "full forgets"
     seeing = learns_to_see("prefix", Scores.of(GOOD), Scores.of([[1] * 8 + [0] * 12], seed_free=True))
     assert seeing.verdict == REPRODUCED and seeing.figures["vqa"]["per_seed"] == [0.9, 0.85, 0.95]
+
+
+def test_bounds_clip_the_interval():
+    rows = [[1] * 19 + [0], [1] * 20, [1] * 18 + [0] * 2]
+    free, clipped = estimate(Scores.of(rows)), estimate(Scores.of(rows, bounds=(0, 1)))
+    assert free.high > 1 and clipped.high == 1.0 and clipped.low == free.low
+    diff = Scores.of(rows, bounds=(0, 1)).minus(Scores.of([[0] * 20] * 3, bounds=(0, 1)))
+    assert diff.bounds == (-1.0, 1.0)
+    with pytest.raises(ValueError, match="within bounds"):
+        Scores.of([[2.0]], bounds=(0, 1))

@@ -62,11 +62,13 @@ def _std(values: Sequence[float]) -> float:
 class Scores:
     """Per-item scores of one metric: one row per training seed, the same items in the same order.
 
-    `seed_free`: the figure does not depend on a training seed (one row).
+    `seed_free`: the figure does not depend on a training seed (one row). `bounds`: the range a
+    score can take (``(0, 1)`` for accuracies, IoU, agreement); the interval is clipped to it.
     """
 
     rows: tuple[tuple[float, ...], ...]
     seed_free: bool = False
+    bounds: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if not self.rows or not self.rows[0]:
@@ -78,10 +80,16 @@ class Scores:
             raise ValueError(f"seed-free scores have one row, got {len(self.rows)}")
         if not all(math.isfinite(v) for r in self.rows for v in r):
             raise ValueError("scores must be finite numbers")
+        if self.bounds is not None:
+            lo, hi = self.bounds
+            if not lo < hi or any(v < lo or v > hi for r in self.rows for v in r):
+                raise ValueError(f"scores must lie within bounds {self.bounds}")
 
     @classmethod
-    def of(cls, rows: Sequence[Sequence[float]], seed_free: bool = False) -> "Scores":
-        return cls(tuple(tuple(float(v) for v in r) for r in rows), seed_free)
+    def of(cls, rows: Sequence[Sequence[float]], seed_free: bool = False,
+           bounds: tuple[float, float] | None = None) -> "Scores":
+        return cls(tuple(tuple(float(v) for v in r) for r in rows), seed_free,
+                   None if bounds is None else (float(bounds[0]), float(bounds[1])))
 
     @property
     def n_items(self) -> int:
@@ -99,7 +107,10 @@ class Scores:
         elif len(a) != len(b):
             raise ValueError(f"a paired difference needs the same seeds: {len(a)} vs {len(b)}")
         rows = tuple(tuple(x - y for x, y in zip(ra, rb)) for ra, rb in zip(a, b))
-        return Scores(rows, self.seed_free and other.seed_free)
+        bounds = None
+        if self.bounds is not None and other.bounds is not None:
+            bounds = (self.bounds[0] - other.bounds[1], self.bounds[1] - other.bounds[0])
+        return Scores(rows, self.seed_free and other.seed_free, bounds)
 
 
 @dataclass(frozen=True)
@@ -160,7 +171,10 @@ def estimate(scores: Scores | Sequence[float]) -> Estimate:
     elif scores.seed_free:  # one item and no seeds: nothing to estimate a spread from
         return Estimate(mean, per_seed, None, None, n_items=n_items, seed_free=True)
     half = math.hypot(seed_part, item_part)
-    return Estimate(mean, per_seed, mean - half, mean + half, std=std, n_items=n_items, seed_free=scores.seed_free)
+    low, high = mean - half, mean + half
+    if scores.bounds is not None:  # e.g. no accuracy interval reaches below 0% or above 100%
+        low, high = max(low, scores.bounds[0]), min(high, scores.bounds[1])
+    return Estimate(mean, per_seed, low, high, std=std, n_items=n_items, seed_free=scores.seed_free)
 
 
 @dataclass(frozen=True)

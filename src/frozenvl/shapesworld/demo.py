@@ -323,8 +323,9 @@ def _save_predictions(out: str, preds: dict[int, dict[str, dict[str, list[dict[s
 
 
 def _rows(per_seed: list[list[dict[str, Any]]], value=lambda p: p["score"], keep=lambda p: True,
-          seed_free: bool = False) -> Scores | None:
-    """Scores of the kept items, one row per seed; checks that every seed scored the same items."""
+          seed_free: bool = False, bounds: tuple[float, float] | None = (0.0, 1.0)) -> Scores | None:
+    """Scores of the kept items, one row per seed; checks that every seed scored the same items.
+    `bounds`: the score's range ((0, 1): accuracy, IoU, agreement; None: CIDEr-D)."""
     rows, ids = [], None
     for preds in per_seed:
         kept = [p for p in preds if keep(p)]
@@ -335,7 +336,7 @@ def _rows(per_seed: list[list[dict[str, Any]]], value=lambda p: p["score"], keep
         rows.append([float(value(p)) for p in kept])
     if not ids:
         return None
-    return Scores.of(rows, seed_free=seed_free)
+    return Scores.of(rows, seed_free=seed_free, bounds=bounds)
 
 
 def _is_seen(p: dict[str, Any]) -> bool:
@@ -363,7 +364,7 @@ def collect_scores(preds: dict[int, dict[str, dict[str, list[dict[str, Any]]]]],
             m["grounding_acc50"] = _rows(kinds["grounding"])
             m["grounding_miou"] = _rows(kinds["grounding"], value=lambda p: p["iou"])
         if "caption" in kinds:
-            m["caption_cider"] = _rows(kinds["caption"])
+            m["caption_cider"] = _rows(kinds["caption"], bounds=None)
         m["text_acc"] = _rows(kinds["text"], keep=lambda p: not _is_seen(p))
         m["text_acc_seen"] = _rows(kinds["text"], keep=_is_seen)
         same = lambda p: p["prediction"] == base_answer.get(p["id"])  # noqa: E731
@@ -401,9 +402,9 @@ def majority_baseline(train_path: str, eval_path: str) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{eval_path}: question types {missing} have no training answers")
     scored = [(it["qtype"], vqa_accuracy(answers[it["qtype"]], it["answer"])) for it in items]
-    scores = {"vqa_acc": Scores.of([[v for _, v in scored]], seed_free=True)}
+    scores = {"vqa_acc": Scores.of([[v for _, v in scored]], seed_free=True, bounds=(0, 1))}
     for q in sorted({q for q, _ in scored}):
-        scores[f"vqa_acc/{q}"] = Scores.of([[v for qq, v in scored if qq == q]], seed_free=True)
+        scores[f"vqa_acc/{q}"] = Scores.of([[v for qq, v in scored if qq == q]], seed_free=True, bounds=(0, 1))
     return {"answers": answers, "scores": scores}
 
 
@@ -424,8 +425,8 @@ def constant_box_baseline(train_path: str, eval_path: str) -> dict[str, Any]:
         iou, hit = grounding_scores(format_box(box), it["answer"])
         hits.append(hit)
         ious.append(iou)
-    return {"box": box, "scores": {"grounding_acc50": Scores.of([hits], seed_free=True),
-                                   "grounding_miou": Scores.of([ious], seed_free=True)}}
+    return {"box": box, "scores": {"grounding_acc50": Scores.of([hits], seed_free=True, bounds=(0, 1)),
+                                   "grounding_miou": Scores.of([ious], seed_free=True, bounds=(0, 1))}}
 
 
 def findings(runs: list[Run], scores: dict[str, dict[str, Scores]], majority: dict[str, Scores],

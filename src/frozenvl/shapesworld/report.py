@@ -127,23 +127,42 @@ def _loss_rows(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average: a readable curve from per-step losses."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def _loss(path: str, out: str, results: dict[str, Any], colours: dict[str, Any]) -> None:
     names = [n for n in results["runs"] if n != "text"]
-    fig, ax = plt.subplots(figsize=(10, 5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    lowest, highest = float("inf"), 0.0
     for n in names:
         for k, s in enumerate(results["seeds"]):
-            rows = _loss_rows(os.path.join(out, "runs", f"seed{s}", n, "metrics.jsonl"))
-            if rows:
-                ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color=colours[n],
-                        linewidth=1.5 if k == 0 else 0.8, alpha=1.0 if k == 0 else 0.45,
-                        label=n if k == 0 else None)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("loss (answer tokens)")
-    ax.set_yscale("log")
-    extra = " (faint: other seeds)" if len(results["seeds"]) > 1 else ""
+            rows = [r for r in _loss_rows(os.path.join(out, "runs", f"seed{s}", n, "metrics.jsonl"))
+                    if r.get("tokens", 1) > 0]  # a step without answer tokens has no loss
+            if not rows:
+                continue
+            steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
+            smooth = _smooth(losses, max(1, len(losses) // 25))
+            lowest, highest = min(lowest, *smooth), max(highest, *smooth)
+            if k == 0:
+                ax.plot(steps, losses, color=colours[n], linewidth=0.6, alpha=0.25)
+            ax.plot(steps, smooth, color=colours[n], linewidth=1.8 if k == 0 else 0.9, alpha=1.0 if k == 0 else 0.45,
+                    label=n if k == 0 else None)
+    if highest > 0 and lowest > 0 and highest / lowest > 5:  # log only where the range asks for it
+        ax.set_yscale("log")
+    ax.set_xlabel("training step (all stages)")
+    ax.set_ylabel("loss on answer tokens (moving average; raw: faint)")
+    extra = "; thin: other seeds" if len(results["seeds"]) > 1 else ""
     ax.set_title(f"Training loss per workflow, seed {results['seeds'][0]}{extra}")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -185,10 +204,11 @@ def _examples(path: str, out: str, preds: dict[str, dict[str, list[dict[str, Any
     scenes = example_scenes(preds)
     if not scenes:
         return False
-    fig, axes = plt.subplots(2, len(scenes), figsize=(5.2 * len(scenes), 8.5),
-                             gridspec_kw={"height_ratios": [1.1, 1]}, squeeze=False)
-    for col, scene in enumerate(scenes):
-        ax, tx = axes[0][col], axes[1][col]
+    # one row per scene: the image (with the boxes) on the left, the answers on the right
+    fig, axes = plt.subplots(len(scenes), 2, figsize=(13, 3.6 * len(scenes)),
+                             gridspec_kw={"width_ratios": [1, 1.7]}, squeeze=False)
+    for row, scene in enumerate(scenes):
+        ax, tx = axes[row]
         img = Image.open(os.path.join(out, scene["image"])).convert("RGB")  # relative to out, or absolute
         w, h = img.size
         side, left, top = square_pad_offsets(w, h)
@@ -205,15 +225,16 @@ def _examples(path: str, out: str, preds: dict[str, dict[str, list[dict[str, Any
 
         g = scene["grounding"]
         draw(str(g["item"]["answer"]), "black", "--", 2.0)
-        lines = [(f"Box: {g['item']['question'].splitlines()[-1]}", "black")]
+        target = g["item"]["question"].rsplit(":", 1)[-1].strip().rstrip(".")  # "... describes: the red circle."
+        lines = [(f"Where is {target}? (true box dashed: {g['item']['answer']})", "black")]
         for name, answer in sorted(g["answers"].items()):
             ok = draw(answer, colours[name], "-", 1.5)
-            lines.append((f"  {name}: {answer[:28] if ok else 'no box: ' + answer[:20]!s}", colours[name]))
+            lines.append((f"  {name:<16} {answer[:40] if ok else 'no box: ' + answer[:32]!s}", colours[name]))
         ax.set_xlim(-0.5, w - 0.5)
         ax.set_ylim(h - 0.5, -0.5)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(f"{scene['key']} (dashed: true box)", fontsize=10)
+        ax.set_title(scene["key"], fontsize=10)
         v = scene["vqa"]
         if v is not None:
             truth = v["item"]["answer"]
@@ -221,10 +242,10 @@ def _examples(path: str, out: str, preds: dict[str, dict[str, list[dict[str, Any
             lines.append((f"Q: {v['item']['question']} (true: {truth})", "black"))
             for name, answer in sorted(v["answers"].items()):
                 mark = "right" if normalize_answer(answer) == normalize_answer(truth) else "wrong"
-                lines.append((f"  {name}: {answer[:24]!s}  [{mark}]", colours[name]))
+                lines.append((f"  {name:<16} {answer[:32]!s}  [{mark}]", colours[name]))
         tx.axis("off")
         for i, (text, colour) in enumerate(lines):
-            tx.text(0.0, 1.0 - i * 0.062, text, transform=tx.transAxes, fontsize=8.5, color=colour,
+            tx.text(0.0, 1.0 - i / max(16, len(lines)), text, transform=tx.transAxes, fontsize=9, color=colour,
                     va="top", family="monospace")
     fig.suptitle("Example eval scenes: each workflow's predicted box and answer (first seed)", fontsize=12)
     fig.tight_layout()
