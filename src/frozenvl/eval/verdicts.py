@@ -14,7 +14,9 @@ seeds ``t[2] = 4.30``: wide, and honest about how little 3 seeds say (a bootstra
 would understate it). The item part double-counts a little seed noise, so the interval errs
 wide. A paired comparison (A - B on the same items and seeds) uses the same formula on the
 per-item differences. Figures that do not depend on a training seed (the base LLM, the majority
-baseline) are ``seed_free``: only the item part.
+baseline) are ``seed_free``: only the item part. The interval is clipped to the score's range
+(``Scores.bounds``). For 0/1 scores the item part is the Wald binomial interval, so a figure at
+0% or 100% on every item has no item width (its known limit on small eval sets).
 
 **One seed** gives no estimate of seed-to-seed variation: no interval, and every verdict on it is
 "not decided" (run several seeds to decide anything).

@@ -172,7 +172,7 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, seeds
     say = print if progress else (lambda *a, **k: None)
     t_start = time.time()
     os.makedirs(out, exist_ok=True)
-    timings: dict[str, Any] = {"train": {}}
+    timings: dict[str, Any] = {"train_runs": {}}
 
     t = time.time()
     say(f"== data (seed {data_seed})", flush=True)
@@ -201,7 +201,9 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, seeds
             if not bars:
                 say(f"   {res.summary()}", flush=True)
             trained[run.name].append(res)
-            timings["train"][f"{run.name}/seed{s}"] = res.seconds
+            timings["train_runs"][f"{run.name}/seed{s}"] = res.seconds
+
+    timings["train"] = sum(timings["train_runs"].values())
 
     # One model: the frozen base with each seed's trained workflows loaded side by side.
     t = time.time()
@@ -261,8 +263,8 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, seeds
     results["findings"] = [f.to_dict() for f in found]
     timings["total"] = time.time() - t_start
 
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, sort_keys=True)
+    with open(os.path.join(out, "results.json"), "w") as f:  # insertion order: the recipes' order
+        json.dump(results, f, indent=1)
     with open(os.path.join(out, "timings.json"), "w") as f:
         json.dump(timings, f, indent=1, sort_keys=True)
     _save_predictions(out, preds)
@@ -463,14 +465,18 @@ COLUMNS = [
 
 
 def fmt(key: str, est: dict[str, Any] | None) -> str:
-    """A metric's mean, and its interval's half-width when there is one."""
+    """A metric's mean and its interval: "± half-width", or "[low, high]" where the interval was
+    clipped to the score's range (and so is not symmetric)."""
     if est is None:
         return "-"
     scale, digits, unit = (1, 2, "") if key.startswith("caption") else (100, 1, "%")
-    text = f"{scale * est['mean']:.{digits}f}"
-    if est.get("low") is not None:
-        text += f" ± {scale * (est['high'] - est['low']) / 2:.{digits}f}"
-    return text + unit
+    mean, low, high = est["mean"], est.get("low"), est.get("high")
+    text = f"{scale * mean:.{digits}f}{unit}"
+    if low is None:
+        return text
+    if abs((high - mean) - (mean - low)) < 1e-9:
+        return f"{scale * mean:.{digits}f} ± {scale * (high - mean):.{digits}f}{unit}"
+    return f"{text} [{scale * low:.{digits}f}, {scale * high:.{digits}f}]"
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -484,9 +490,8 @@ def print_table(results: dict[str, Any]) -> None:
     for _, title in COLUMNS:
         table.add_column(title, justify="right")
     table.add_column("Trainable", justify="right")
-    baselines = results["baselines"]
-    table.add_row("majority / median box", *[fmt(k, (baselines["majority"]["metrics"] | baselines["constant_box"]["metrics"]).get(k))
-                                              for k, _ in COLUMNS], "-")
+    chance = results["baselines"]["majority"]["metrics"] | results["baselines"]["constant_box"]["metrics"]
+    table.add_row("majority / median box", *[fmt(k, chance.get(k)) for k, _ in COLUMNS], "-")
     for name, row in results["runs"].items():
         table.add_row(name, *[fmt(k, row["metrics"].get(k)) for k, _ in COLUMNS],
                       f"{row['trainable_params']:,}" if "trainable_params" in row else "-")

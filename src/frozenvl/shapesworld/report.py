@@ -283,22 +283,25 @@ def write_report(out: str, results: dict[str, Any], preds: dict[str, dict[str, l
     lines += [f"- **{f['verdict']}**: {f['claim']}: {f['line'].split(': ', 1)[1]}" for f in results["findings"]]
     if n < 2:
         lines += ["", "One training seed: no interval, so nothing is decided. Run `frozenvl demo --seeds 3`."]
-    lines += ["", "## Results (mean ± half-width of the 95% interval)", "",
+    lines += ["", "## Results (mean and 95% interval)", "",
               "| workflow | " + " | ".join(t for _, t in COLUMNS) + " | trainable | steps |",
               "|---|" + "---:|" * (len(COLUMNS) + 2)]
     chance = base["majority"]["metrics"] | base["constant_box"]["metrics"]
-    lines.append("| majority answer / median box | " + " | ".join(_fmt(k, chance.get(k)) for k, _ in COLUMNS) + " | - | - |")
+    lines.append("| majority answer / median box | " + " | ".join(_fmt(k, chance.get(k)) for k, _ in COLUMNS)
+                 + " | - | - |")
     for name, row in runs.items():
         params = f"{row['trainable_params']:,}" if "trainable_params" in row else "-"
-        lines.append(f"| {name}: {row['label']} | " + " | ".join(_fmt(k, row["metrics"].get(k)) for k, _ in COLUMNS)
+        title = name if row["label"] == name else f"{name}: {row['label']}"
+        lines.append(f"| {title} | " + " | ".join(_fmt(k, row["metrics"].get(k)) for k, _ in COLUMNS)
                      + f" | {params} | {row.get('steps', '-')} |")
     qtypes = sorted(k.split("/", 1)[1] for k in base["majority"]["metrics"] if k.startswith("vqa_acc/"))
+    majority = base["majority"]["metrics"]
     answers = base["majority"]["answers"]
     lines += ["", "## VQA per question type", "",
               "| workflow | " + " | ".join(qtypes) + " | overall |", "|---|" + "---:|" * (len(qtypes) + 1),
               "| majority answer per type | " + " | ".join(
-                  f"{_fmt('vqa', base['majority']['metrics'][f'vqa_acc/{q}'])} (\"{answers.get(q, '?')}\")" for q in qtypes)
-              + f" | {_fmt('vqa', base['majority']['metrics']['vqa_acc'])} |"]
+                  f"{_fmt('vqa', majority[f'vqa_acc/{q}'])} (\"{answers.get(q, '?')}\")" for q in qtypes)
+              + f" | {_fmt('vqa', majority['vqa_acc'])} |"]
     for name, row in runs.items():
         if "vqa_acc" in row["metrics"]:
             lines.append(f"| {name} | " + " | ".join(_fmt("vqa", row["metrics"].get(f"vqa_acc/{q}")) for q in qtypes)
@@ -312,6 +315,9 @@ def write_report(out: str, results: dict[str, Any], preds: dict[str, dict[str, l
               "workflow's own modules: the figure that tells families apart. Text acc (seen): questions from the "
               "base LLM's text pretraining (what fine-tuning can make it forget); held-out: questions it never saw. "
               "Multimodal metrics are on held-out ShapesWorld images.", "",
+              "An interval is \"± half-width\", or \"[low, high]\" where it was clipped to the score's range "
+              "(0-100%). A figure that is 0% or 100% on every item and seed has a zero-width interval: the t "
+              "interval's known limit at the ends of the range, which matters only for small eval sets.", "",
               "## Figures", "",
               "![metrics](chart.png)", "", "![per question type](qtypes.png)", "", "![loss](loss.png)", ""]
     if "examples.png" in figures:
@@ -319,7 +325,8 @@ def write_report(out: str, results: dict[str, Any], preds: dict[str, dict[str, l
     lines += ["Per-seed numbers: `results.json` (identical for identical seeds); per-item predictions: "
               "`predictions/seed<N>.json`; wall times: `timings.json`."]
     if timings:
-        lines += ["", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items() if isinstance(v, (int, float)))]
+        walls = [f"{k} {v:.0f}" for k, v in timings.items() if isinstance(v, (int, float))]
+        lines += ["", "Wall time (s): " + ", ".join(walls)]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return figures
