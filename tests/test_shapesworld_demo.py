@@ -107,7 +107,7 @@ def test_majority_and_constant_box_baselines(tmp_path):
     maj = majority_baseline(str(tmp_path / "train.json"), str(tmp_path / "eval.jsonl"))
     assert maj["answers"] == {"colour": "blue", "exists": "no"}
     assert maj["scores"]["vqa_acc/colour"].rows == ((1.0, 0.0),)  # sorted by id
-    assert maj["scores"]["vqa_acc"].rows == ((1.0, 0.0, 1.0, 0.0),) and maj["scores"]["vqa_acc"].seed_free
+    assert maj["scores"]["vqa_acc"].rows == ((1.0, 1.0, 0.0, 0.0),) and maj["scores"]["vqa_acc"].seed_free
     g = [{"id": "eval00000-grounding-box-0", "task": "grounding", "qtype": "box", "question": "q",
           "answer": "[0.20,0.20,0.40,0.40]"},
          {"id": "eval00001-grounding-box-0", "task": "grounding", "qtype": "box", "question": "q",
