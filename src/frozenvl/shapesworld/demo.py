@@ -267,7 +267,7 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, seeds
         json.dump(results, f, indent=1)
     with open(os.path.join(out, "timings.json"), "w") as f:
         json.dump(timings, f, indent=1, sort_keys=True)
-    _save_predictions(out, preds)
+    _save_predictions(out, preds, base_text)
     figures = write_report(out, results, preds[train_seeds[0]], timings)
     print_table(results)
     for f in found:
@@ -314,9 +314,13 @@ def _own_path(model, name: str):
         cfg.text_fallback = before
 
 
-def _save_predictions(out: str, preds: dict[int, dict[str, dict[str, list[dict[str, Any]]]]]) -> None:
+def _save_predictions(out: str, preds: dict[int, dict[str, dict[str, list[dict[str, Any]]]]],
+                      base_text: list[dict[str, Any]]) -> None:
+    """predictions/seed<N>.json (per workflow and item kind) and text.json (the base LLM's answers)."""
     folder = os.path.join(out, "predictions")
     os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "text.json"), "w") as f:
+        json.dump(base_text, f, indent=1, sort_keys=True)
     for s, by_run in preds.items():
         rows = {name: {kind: [dict(p, image=os.path.relpath(p["image"], out)) if "image" in p else p for p in ps]
                        for kind, ps in kinds.items()} for name, kinds in by_run.items()}
