@@ -30,7 +30,7 @@ _PANELS = [  # (metric, title, baseline in results["baselines"] or None)
     ("grounding_miou", "Grounding mIoU", "constant_box"),
     ("caption_cider", "Caption CIDEr-D", None),
     ("text_acc_seen", "Text accuracy (pretraining questions)", None),
-    ("text_same_as_base_own", "Text answers = base (own path)", None),
+    ("text_same_as_base_own", "Text answers = base: deployed (hatched) vs own path", None),
 ]
 _BASELINE_NAME = {"majority": "majority answer per type", "constant_box": "median training box"}
 
@@ -47,12 +47,12 @@ def _is_pct(key: str) -> bool:
     return not key.startswith("caption")
 
 
-def _bar(ax, x: float, est: dict[str, Any], colour, width: float, scale: float) -> None:
+def _bar(ax, x: float, est: dict[str, Any], colour, width: float, scale: float, **style: Any) -> None:
     mean = scale * est["mean"]
     err = None
     if est.get("low") is not None:
         err = [[mean - scale * est["low"]], [scale * est["high"] - mean]]
-    ax.bar(x, mean, width, color=colour, yerr=err, capsize=3, error_kw={"elinewidth": 1})
+    ax.bar(x, mean, width, color=colour, yerr=err, capsize=3, error_kw={"elinewidth": 1}, **style)
 
 
 def _band(ax, est: dict[str, Any], scale: float, label: str) -> None:
@@ -69,7 +69,12 @@ def _chart(path: str, results: dict[str, Any], colours: dict[str, Any]) -> None:
         names = [n for n, r in runs.items() if key in r["metrics"]]
         scale = 100 if _is_pct(key) else 1
         for i, n in enumerate(names):
-            _bar(ax, i, runs[n]["metrics"][key], colours[n], 0.7, scale)
+            if key == "text_same_as_base_own":  # the pair: as deployed (fallback on) beside the own path
+                _bar(ax, i - 0.2, runs[n]["metrics"]["text_same_as_base"], colours[n], 0.38, scale,
+                     alpha=0.45, hatch="//", edgecolor="black", linewidth=0.5)
+                _bar(ax, i + 0.2, runs[n]["metrics"][key], colours[n], 0.38, scale)
+            else:
+                _bar(ax, i, runs[n]["metrics"][key], colours[n], 0.7, scale)
         if baseline and key in results["baselines"][baseline]["metrics"]:
             _band(ax, results["baselines"][baseline]["metrics"][key], scale, _BASELINE_NAME[baseline])
             ax.legend(loc="upper right", fontsize=8)
@@ -78,6 +83,8 @@ def _chart(path: str, results: dict[str, Any], colours: dict[str, Any]) -> None:
         if _is_pct(key):
             ax.set_ylim(0, 105)
             ax.set_ylabel("%")
+        else:
+            ax.set_ylim(bottom=0)
         ax.grid(axis="y", alpha=0.3)
         if not names:
             ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="grey")
