@@ -179,7 +179,7 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, seeds
     data_dir = _data(out, scale, data_seed)
     timings["data"] = time.time() - t
     t = time.time()
-    say("== bases (cached once built)", flush=True)
+    say("== bases (built once, then cached; the first build takes minutes)", flush=True)
     llm_dir, vision_dir = build_bases(os.path.join(out, "bases"), data_dir, replace(scale.bases, seed=data_seed), bars)
     timings["bases"] = time.time() - t
 
