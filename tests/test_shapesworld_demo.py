@@ -6,6 +6,7 @@ import json
 import os
 from dataclasses import replace
 
+import pytest
 import torch
 
 import frozenvl
@@ -26,13 +27,45 @@ def test_demo_smoke_at_tiny_scale(tmp_path):
     for name in names:
         assert res["runs"][name]["base_unchanged"] is True
         assert res["runs"][name]["steps"] == TINY.align_steps + TINY.tune_steps
-    # frozen workflows leave text-only input to the frozen base: same answers, by construction
+    # as deployed, frozen workflows leave text-only input to the frozen base: same answers, by construction
     for name in ("prefix", "mm", "g"):
-        assert res["runs"][name]["text_same_as_base"] == 1.0
-    assert os.path.isfile(tmp_path / "report.md") and os.path.isfile(tmp_path / "chart.png")
+        same = res["runs"][name]["metrics"]["text_same_as_base"]
+        assert same["mean"] == 1.0 and same["low"] is None  # one seed: no interval
+    # a frozen prefix without an image is the base itself, on its own path too
+    assert res["runs"]["prefix"]["metrics"]["text_same_as_base_own"]["mean"] == 1.0
+    for name in ("report.md", "chart.png", "qtypes.png", "loss.png", "examples.png", "results.json", "timings.json"):
+        assert os.path.isfile(tmp_path / name), name
     saved = json.load(open(tmp_path / "results.json"))
-    assert saved["runs"]["prefix"]["vqa_acc"] == res["runs"]["prefix"]["vqa_acc"]
-    assert any(line.startswith("[") for line in res["findings"])
+    assert saved["runs"]["prefix"]["metrics"]["vqa_acc"]["mean"] == res["runs"]["prefix"]["metrics"]["vqa_acc"]["mean"]
+    assert "timings" not in saved and "train_seconds" not in json.dumps(saved)
+    assert res["findings"] and all(f["verdict"] == "not decided" for f in res["findings"])  # one seed decides nothing
+
+
+def test_demo_two_seeds_intervals_verdicts_and_figures(tmp_path):
+    only = ["prefix", "prefix_full", "mm", "g"]
+    res = run_demo(str(tmp_path / "a"), scale=TINY, seeds=2, seed=3, data_seed=1, chat=False, progress=False, only=only)
+    assert res["seeds"] == [3, 4] and res["data_seed"] == 1
+    vqa = res["runs"]["prefix"]["metrics"]["vqa_acc"]
+    assert len(vqa["per_seed"]) == 2 and vqa["low"] <= vqa["mean"] <= vqa["high"] and vqa["std"] is not None
+    majority = res["baselines"]["majority"]
+    assert set(majority["answers"]) >= {"colour", "count", "exists"}
+    assert majority["metrics"]["vqa_acc"]["low"] is not None  # seed-free: the eval items' interval
+    assert {f["verdict"] for f in res["findings"]} <= {"reproduced", "refuted", "not decided"}
+    claims = " | ".join(f["claim"] for f in res["findings"])
+    for part in ("prefix keeps the base's text answers", "forgets", "prefix learns to see",
+                 "IAA g beats frozen prefix on grounding", "IAA mm beats frozen prefix on VQA"):
+        assert part in claims, part
+    kept = next(f for f in res["findings"] if f["claim"].startswith("prefix keeps"))
+    assert kept["figures"]["own_path"]["per_seed"] == [1.0, 1.0] and kept["verdict"] == "reproduced"
+    with open(tmp_path / "a" / "report.md") as f:
+        report = f.read()
+    for fig in ("chart.png", "qtypes.png", "loss.png", "examples.png"):
+        assert f"]({fig})" in report and os.path.getsize(tmp_path / "a" / fig) > 10_000
+    assert "VQA per question type" in report and "majority answer per type" in report
+    # the same seeds again (bases cached, every workflow retrained from scratch): an identical results.json
+    first = (tmp_path / "a" / "results.json").read_bytes()
+    run_demo(str(tmp_path / "a"), scale=TINY, seeds=2, seed=3, data_seed=1, chat=False, progress=False, only=only)
+    assert (tmp_path / "a" / "results.json").read_bytes() == first
 
 
 def test_bases_build_reload_and_cache(tmp_path):
@@ -48,3 +81,41 @@ def test_bases_build_reload_and_cache(tmp_path):
     ids = model.tokenizer("What is 3 plus 4?", return_tensors="pt").input_ids
     with torch.no_grad():
         assert model(ids, task="text").logits.shape[-1] == len(model.tokenizer)
+
+
+def _conv(rid, answer, image="images/train/00000.png"):
+    return {"id": rid, "image": image, "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                          {"from": "gpt", "value": answer}]}
+
+
+def test_majority_and_constant_box_baselines(tmp_path):
+    from frozenvl.shapesworld.demo import constant_box_baseline, majority_baseline
+
+    train = [_conv("train00000-vqa-colour-0", "red"), _conv("train00001-vqa-colour-0", "blue"),
+             _conv("train00002-vqa-colour-0", "blue"), _conv("train00000-vqa-exists-0", "yes"),
+             _conv("train00000-vqa-exists-1", "no"),  # a tie: the alphabetically first answer
+             _conv("train00000-caption-caption-0", "a red circle"),
+             _conv("train00000-grounding-box-0", "[0.10,0.10,0.30,0.30]"),
+             _conv("train00001-grounding-box-0", "[0.20,0.20,0.40,0.40]"),
+             _conv("train00002-grounding-box-0", "[0.90,0.90,1.00,1.00]")]
+    (tmp_path / "train.json").write_text(json.dumps(train))
+    rows = [{"id": "eval00000-vqa-colour-0", "task": "vqa", "qtype": "colour", "question": "q", "answer": "blue"},
+            {"id": "eval00001-vqa-colour-0", "task": "vqa", "qtype": "colour", "question": "q", "answer": "red"},
+            {"id": "eval00000-vqa-exists-0", "task": "vqa", "qtype": "exists", "question": "q", "answer": "no"},
+            {"id": "eval00000-vqa-exists-1", "task": "vqa", "qtype": "exists", "question": "q", "answer": "yes"}]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    maj = majority_baseline(str(tmp_path / "train.json"), str(tmp_path / "eval.jsonl"))
+    assert maj["answers"] == {"colour": "blue", "exists": "no"}
+    assert maj["scores"]["vqa_acc/colour"].rows == ((1.0, 0.0),)  # sorted by id
+    assert maj["scores"]["vqa_acc"].rows == ((1.0, 1.0, 0.0, 0.0),) and maj["scores"]["vqa_acc"].seed_free
+    g = [{"id": "eval00000-grounding-box-0", "task": "grounding", "qtype": "box", "question": "q",
+          "answer": "[0.20,0.20,0.40,0.40]"},
+         {"id": "eval00001-grounding-box-0", "task": "grounding", "qtype": "box", "question": "q",
+          "answer": "[0.60,0.60,0.80,0.80]"}]
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in g))
+    box = constant_box_baseline(str(tmp_path / "train.json"), str(tmp_path / "g.jsonl"))
+    assert box["box"] == [0.2, 0.2, 0.4, 0.4]  # the coordinate-wise median
+    assert box["scores"]["grounding_acc50"].rows == ((1.0, 0.0),)
+    (tmp_path / "none.json").write_text(json.dumps(train[5:6]))
+    with pytest.raises(ValueError, match="no VQA training records"):
+        majority_baseline(str(tmp_path / "none.json"), str(tmp_path / "eval.jsonl"))

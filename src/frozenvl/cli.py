@@ -6,7 +6,7 @@
     frozenvl import idefics SRC OUT [--workflow mm] [--tokenizer DIR]
     frozenvl import peft-adaption-prompt ADAPTER BASE OUT [--vision DIR]
     frozenvl train CONFIG.yaml [--resume]
-    frozenvl demo [--quick] [--no-chat] [--out DIR]
+    frozenvl demo [--quick] [--seeds N] [--data-seed S] [--no-chat] [--out DIR]
     frozenvl bases [--cache DIR] [--force] [--index-url URL]
     frozenvl eval MODEL_DIR ITEMS.jsonl [--task mm] [--out report.json]
     frozenvl --version
@@ -367,14 +367,17 @@ def eval_(
 def demo(
     out: Annotated[Path, typer.Option(help="Where data, bases, runs and the report go.")] = Path("demo_out"),
     quick: Annotated[bool, typer.Option("--quick", help="A fast smoke run (smaller data, fewer steps).")] = False,
-    seed: Annotated[int, typer.Option(help="Seed of data, bases and training.")] = 0,
+    seed: Annotated[int, typer.Option(help="First training seed (and the data seed unless --data-seed).")] = 0,
+    seeds: Annotated[int, typer.Option(min=1, help="Training seeds per workflow (seed, seed+1, ...): "
+                                       "mean and 95% interval of every metric; one seed decides no finding.")] = 1,
+    data_seed: Annotated[Optional[int], typer.Option(help="Seed of the scene set and the bases (default: --seed).")] = None,
     no_chat: Annotated[bool, typer.Option("--no-chat", help="Do not open the chat at the end.")] = False,
 ) -> None:
     """ShapesWorld: train every family on one frozen base, evaluate, and check frozen vs fine-tuned."""
     from frozenvl.shapesworld.demo import run_demo
 
     _quiet_transformers()
-    run_demo(str(out), quick=quick, seed=seed, chat=False if no_chat else None)
+    run_demo(str(out), quick=quick, seed=seed, seeds=seeds, data_seed=data_seed, chat=False if no_chat else None)
 
 
 @app.command()

@@ -5,22 +5,31 @@
 3. trains one workflow per family with the training engine, on the one frozen base: `prefix`
    (LLM frozen), `prefix` with `llm_train: full` (the LLaVA baseline that fine-tunes the LLM),
    `inner_adaptor` `mm` and `g` (IAA), and every other registered family with a generic recipe;
-4. evaluates VQA, grounding, captions and held-out text tasks, and compares every workflow's
-   text answers with the base LLM's;
-5. prints a table, writes report.md + chart.png + results.json, then chats if a terminal is attached.
+4. evaluates VQA, grounding, captions and text tasks, and compares every workflow's text answers
+   with the base LLM's, as deployed (text_fallback on) and on the workflow's own path (off);
+5. with `seeds` > 1, repeats 3-4 per training seed; every metric gets a mean and a 95% interval
+   (frozenvl.eval.verdicts), VQA sits beside the per-type majority baseline, and each finding is
+   "reproduced", "refuted" or "not decided" on those intervals;
+6. prints a table and the findings, writes results.json (per-seed numbers; identical for identical
+   seeds), timings.json, predictions/, report.md and its figures (report.py), then chats if a
+   terminal is attached.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import statistics
 import sys
 import time
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from PIL import Image, ImageDraw
-
+from ..eval.verdicts import Finding, Scores, beats, estimate, learns_to_see, text_kept
 from ..families import FAMILIES
 from .bases import BaseSpec, build_bases
 
@@ -136,84 +145,134 @@ def _seen_text_eval(data_dir: str, seed: int) -> None:
                                 "answer": unique[q]}) + "\n")
 
 
-def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, chat: bool | None = None,
-             progress: bool = True, only: list[str] | None = None, scale: Scale | None = None) -> dict[str, Any]:
+def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, seeds: int = 1,
+             data_seed: int | None = None, chat: bool | None = None, progress: bool = True,
+             only: list[str] | None = None, scale: Scale | None = None) -> dict[str, Any]:
     """Run the whole demo; returns the results dict also written to results.json.
 
-    `scale` overrides the preset sizes (FULL, or QUICK with `quick=True`); tests use a tiny one.
+    Every workflow is trained and evaluated once per training seed ``seed, seed+1, ...,
+    seed+seeds-1``; the scene set and the bases come from `data_seed` (default: `seed`), so the
+    intervals measure training-seed and eval-set noise on one data set (another `data_seed` is
+    another data set). `scale` overrides the preset sizes (FULL, or QUICK with `quick=True`);
+    tests use a tiny one. `progress`: print what happens; bars only when stderr is a terminal.
+    results.json holds only what the seeds decide (identical for identical seeds); wall times go
+    to timings.json.
     """
     import frozenvl
-    from ..eval import evaluate, read_eval_file, text_preservation
+    from ..eval import read_eval_file
     from ..train import TrainConfig, train
+    from .report import write_report
 
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
     scale = scale or (QUICK if quick else FULL)
+    data_seed = seed if data_seed is None else data_seed
+    train_seeds = [seed + k for k in range(seeds)]
+    bars = progress and sys.stderr.isatty()  # a log file gets one line per step of the demo, not bars
+    say = print if progress else (lambda *a, **k: None)
     t_start = time.time()
     os.makedirs(out, exist_ok=True)
-    timings: dict[str, float] = {}
+    timings: dict[str, Any] = {"train_runs": {}}
 
     t = time.time()
-    data_dir = _data(out, scale, seed)
+    say(f"== data (seed {data_seed})", flush=True)
+    data_dir = _data(out, scale, data_seed)
     timings["data"] = time.time() - t
     t = time.time()
-    llm_dir, vision_dir = build_bases(os.path.join(out, "bases"), data_dir, replace(scale.bases, seed=seed), progress)
+    say("== bases (built once, then cached; the first build takes minutes)", flush=True)
+    llm_dir, vision_dir = build_bases(os.path.join(out, "bases"), data_dir, replace(scale.bases, seed=data_seed), bars)
     timings["bases"] = time.time() - t
 
     runs = [r for r in recipes(scale) if not only or r.name in only]
     label = "quick" if scale is QUICK else "full" if scale is FULL else "custom"
-    results: dict[str, Any] = {"scale": label, "seed": seed, "runs": {}}
-    for run in runs:
-        cfg = TrainConfig.from_dict({
-            "llm": llm_dir, "vision": vision_dir, "output_dir": os.path.join(out, "runs", run.name),
-            "workflow": {"name": run.name, **run.workflow},
-            "data": {"train": os.path.join(data_dir, run.data), "max_length": 256},
-            "stages": run.stages, "seed": seed, "save_every": 0, "keep_last": 1, "log_every": 10,
-        })
-        if progress:
-            print(f"\n== training {run.label} on {run.data}")
-        res = train(cfg, show_progress=progress)
-        results["runs"][run.name] = {"label": run.label, "train_seconds": res.seconds, "steps": res.steps,
-                                     "final_loss": res.final_loss, "skipped": res.skipped,
-                                     "base_unchanged": res.base_unchanged}
-    timings["train"] = sum(r["train_seconds"] for r in results["runs"].values())
+    trained: dict[str, list[Any]] = {r.name: [] for r in runs}
+    for s in train_seeds:
+        for run in runs:
+            run_dir = _run_dir(out, s, run.name)
+            shutil.rmtree(run_dir, ignore_errors=True)  # a rerun retrains from scratch
+            cfg = TrainConfig.from_dict({
+                "llm": llm_dir, "vision": vision_dir, "output_dir": run_dir,
+                "workflow": {"name": run.name, **run.workflow},
+                "data": {"train": os.path.join(data_dir, run.data), "max_length": 256},
+                "stages": run.stages, "seed": s, "save_every": 0, "keep_last": 1, "log_every": 1,
+            })
+            say(f"== training {run.label} on {run.data}, seed {s}", flush=True)
+            res = train(cfg, show_progress=bars)
+            if not bars:
+                say(f"   {res.summary()}", flush=True)
+            trained[run.name].append(res)
+            timings["train_runs"][f"{run.name}/seed{s}"] = res.seconds
 
-    # One model: the frozen base with every trained workflow loaded side by side.
+    timings["train"] = sum(timings["train_runs"].values())
+
+    # One model: the frozen base with each seed's trained workflows loaded side by side.
     t = time.time()
     model = frozenvl.build(llm_dir, vision_dir, workflows={})
-    for run in runs:
-        model.load_workflow(os.path.join(out, "runs", run.name), run.name)
-    results["runs"]["text"] = {"label": "base LLM (text workflow)"}
-    for run in runs:
-        info = model.info()["workflows"][run.name]
-        results["runs"][run.name]["trainable_params"] = info["trainable_params"]
-        for kind in run.evals:
-            path = os.path.join(data_dir, f"eval_{kind}.jsonl")
-            rep = evaluate(model, path, task=run.name, batch_size=scale.eval_batch,
-                           max_new_tokens=40 if kind != "vqa" else 8, progress=progress)
-            results["runs"][run.name].update(rep.metrics)
-    text_sets = {"": "eval_text.jsonl", "_seen": "eval_text_seen.jsonl"}
-    same: dict[str, list[int]] = {}
-    for suffix, fname in text_sets.items():
-        items = read_eval_file(os.path.join(data_dir, fname))
-        tp = text_preservation(model, items, tasks=[r.name for r in runs], batch_size=scale.eval_batch,
-                               max_new_tokens=16, progress=progress)
-        for name, row in tp["tasks"].items():
-            results["runs"].setdefault(name, {})
-            results["runs"][name][f"text_acc{suffix}"] = row["accuracy"]
-            n = same.setdefault(name, [0, 0])
-            n[0] += row["n_same"]
-            n[1] += tp["n_items"]
-    for name, (n_same, n_all) in same.items():
-        results["runs"][name]["text_same_as_base"] = n_same / max(1, n_all)
+    eval_kw = {"batch_size": scale.eval_batch, "progress": bars}
+    text_items = [*read_eval_file(os.path.join(data_dir, "eval_text.jsonl")),
+                  *read_eval_file(os.path.join(data_dir, "eval_text_seen.jsonl"))]
+    say("== evaluating the base LLM on the text questions", flush=True)
+    base_text, _ = _eval(model, text_items, "text", "text", eval_kw)
+    preds: dict[int, dict[str, dict[str, list[dict[str, Any]]]]] = {}
+    bleu: dict[str, list[float]] = {}  # corpus BLEU-4 per seed: no per-item scores exist for it
+    for s in train_seeds:
+        say(f"== evaluating seed {s}", flush=True)
+        preds[s] = {}
+        for run in runs:
+            model.load_workflow(_run_dir(out, s, run.name), run.name)
+        for run in runs:
+            got = preds[s][run.name] = {}
+            for kind in run.evals:
+                got[kind], metrics = _eval(model, os.path.join(data_dir, f"eval_{kind}.jsonl"), run.name, kind, eval_kw)
+                if "caption_bleu4" in metrics:
+                    bleu.setdefault(run.name, []).append(metrics["caption_bleu4"])
+            got["text"], _ = _eval(model, text_items, run.name, "text", eval_kw)  # as deployed
+            if model.workflow(run.name).cfg.text_fallback:
+                with _own_path(model, run.name):
+                    got["text_own"], _ = _eval(model, text_items, run.name, "text", eval_kw)
+            else:  # the deployed path is the workflow's own path already
+                got["text_own"] = got["text"]
     timings["eval"] = time.time() - t
+
+    majority = majority_baseline(os.path.join(data_dir, "train_mixed.json"), os.path.join(data_dir, "eval_vqa.jsonl"))
+    box = constant_box_baseline(os.path.join(data_dir, "train_grounding.json"),
+                                os.path.join(data_dir, "eval_grounding.jsonl"))
+    scores = collect_scores(preds, base_text)
+    results: dict[str, Any] = {
+        "scale": label, "seeds": train_seeds, "data_seed": data_seed, "interval": INTERVAL_NOTE,
+        "baselines": {"majority": {"answers": majority["answers"],
+                                   "metrics": {k: estimate(v).to_dict() for k, v in majority["scores"].items()}},
+                      "constant_box": {"box": box["box"],
+                                       "metrics": {k: estimate(v).to_dict() for k, v in box["scores"].items()}}},
+        "runs": {},
+    }
+    results["runs"]["text"] = {"label": "base LLM (text workflow)", "family": "base LLM",
+                               "metrics": {k: estimate(v).to_dict() for k, v in scores["text"].items()}}
+    for run in runs:
+        res = trained[run.name]
+        row = results["runs"][run.name] = {
+            "label": run.label, "family": run.workflow["family"], "llm_train": run.workflow.get("llm_train", "frozen"),
+            "trainable_params": model.info()["workflows"][run.name]["trainable_params"],
+            "steps": res[0].steps, "base_unchanged": all(r.base_unchanged for r in res),
+            "skipped": res[0].skipped, "final_loss": [r.final_loss for r in res],
+            "metrics": {k: estimate(v).to_dict() for k, v in scores[run.name].items()},
+        }
+        if run.name in bleu:  # a corpus-level metric: the seed part of the interval only
+            row["metrics"]["caption_bleu4"] = estimate(bleu[run.name]).to_dict()
+    found = findings(runs, scores, majority["scores"], box["scores"])
+    results["findings"] = [f.to_dict() for f in found]
     timings["total"] = time.time() - t_start
-    results["timings"] = timings
-    results["findings"] = findings(results)
-    write_report(out, results)
+
+    with open(os.path.join(out, "results.json"), "w") as f:  # insertion order: the recipes' order
+        json.dump(results, f, indent=1)
+    with open(os.path.join(out, "timings.json"), "w") as f:
+        json.dump(timings, f, indent=1, sort_keys=True)
+    _save_predictions(out, preds, base_text)
+    figures = write_report(out, results, preds[train_seeds[0]], timings)
     print_table(results)
-    for line in results["findings"]:
-        print(line)
-    print(f"\nreport: {os.path.join(out, 'report.md')}  chart: {os.path.join(out, 'chart.png')}  "
-          f"total {timings['total']:.0f}s")
+    for f in found:
+        print(f.line())
+    print(f"\nreport: {os.path.join(out, 'report.md')}  figures: {', '.join(figures)}  total {timings['total']:.0f}s")
     if chat is None:
         chat = sys.stdin.isatty() and sys.stdout.isatty()
     if chat:
@@ -221,122 +280,237 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, chat:
     return results
 
 
+INTERVAL_NOTE = (
+    "95% interval of the mean over training seeds: Student-t over the per-seed means, added in quadrature "
+    "to the Student-t interval over eval items (each item's score averaged over seeds); comparisons use the "
+    "same on paired per-item differences; seed-free figures (base LLM, baselines) carry the item part only; "
+    "one seed gives no interval and decides nothing (frozenvl.eval.verdicts)."
+)
+
+
+def _run_dir(out: str, seed: int, name: str) -> str:
+    return os.path.join(out, "runs", f"seed{seed}", name)
+
+
+def _eval(model, items, task: str, kind: str, kw: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Predictions of workflow `task` on `items` (one kind of eval item), sorted by id so every
+    seed lists the same items in the same order, and the report's metrics."""
+    from ..eval import evaluate
+
+    new_tokens = {"vqa": 8, "text": 16}.get(kind, 40)
+    rep = evaluate(model, items, task=task, max_new_tokens=new_tokens, **kw)
+    return sorted(rep.predictions, key=lambda p: p["id"]), rep.metrics
+
+
+@contextmanager
+def _own_path(model, name: str):
+    """Workflow `name` with text_fallback off: image-free prompts go through its own path."""
+    cfg = model.workflow(name).cfg
+    before = cfg.text_fallback
+    cfg.text_fallback = False
+    try:
+        yield
+    finally:
+        cfg.text_fallback = before
+
+
+def _save_predictions(out: str, preds: dict[int, dict[str, dict[str, list[dict[str, Any]]]]],
+                      base_text: list[dict[str, Any]]) -> None:
+    """predictions/seed<N>.json (per workflow and item kind) and text.json (the base LLM's answers)."""
+    folder = os.path.join(out, "predictions")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "text.json"), "w") as f:
+        json.dump(base_text, f, indent=1, sort_keys=True)
+    for s, by_run in preds.items():
+        rows = {name: {kind: [dict(p, image=os.path.relpath(p["image"], out)) if "image" in p else p for p in ps]
+                       for kind, ps in kinds.items()} for name, kinds in by_run.items()}
+        with open(os.path.join(folder, f"seed{s}.json"), "w") as f:
+            json.dump(rows, f, indent=1, sort_keys=True)
+
+
+def _rows(per_seed: list[list[dict[str, Any]]], value=lambda p: p["score"], keep=lambda p: True,
+          seed_free: bool = False, bounds: tuple[float, float] | None = (0.0, 1.0)) -> Scores | None:
+    """Scores of the kept items, one row per seed; checks that every seed scored the same items.
+    `bounds`: the score's range ((0, 1): accuracy, IoU, agreement; None: CIDEr-D)."""
+    rows, ids = [], None
+    for preds in per_seed:
+        kept = [p for p in preds if keep(p)]
+        these = [p["id"] for p in kept]
+        if ids is not None and these != ids:
+            raise RuntimeError("seeds scored different eval items; the intervals need the same items")
+        ids = these
+        rows.append([float(value(p)) for p in kept])
+    if not ids:
+        return None
+    return Scores.of(rows, seed_free=seed_free, bounds=bounds)
+
+
+def _is_seen(p: dict[str, Any]) -> bool:
+    return p.get("qtype") == "seen"
+
+
+def collect_scores(preds: dict[int, dict[str, dict[str, list[dict[str, Any]]]]],
+                   base_text: list[dict[str, Any]]) -> dict[str, dict[str, Scores]]:
+    """Per run, per metric: per-item scores over the seeds (what the intervals are computed from)."""
+    seeds = sorted(preds)
+    base_answer = {p["id"]: p["prediction"] for p in base_text}
+    out: dict[str, dict[str, Scores]] = {"text": {}}
+    for key, keep in (("text_acc", lambda p: not _is_seen(p)), ("text_acc_seen", _is_seen)):
+        got = _rows([base_text], keep=keep, seed_free=True)
+        if got is not None:
+            out["text"][key] = got
+    for name in preds[seeds[0]]:
+        kinds = {k: [preds[s][name][k] for s in seeds] for k in preds[seeds[0]][name]}
+        m: dict[str, Scores | None] = {}
+        if "vqa" in kinds:
+            m["vqa_acc"] = _rows(kinds["vqa"])
+            for qtype in sorted({p["qtype"] for p in kinds["vqa"][0] if p.get("qtype")}):
+                m[f"vqa_acc/{qtype}"] = _rows(kinds["vqa"], keep=lambda p, q=qtype: p.get("qtype") == q)
+        if "grounding" in kinds:
+            m["grounding_acc50"] = _rows(kinds["grounding"])
+            m["grounding_miou"] = _rows(kinds["grounding"], value=lambda p: p["iou"])
+        if "caption" in kinds:
+            m["caption_cider"] = _rows(kinds["caption"], bounds=None)
+        m["text_acc"] = _rows(kinds["text"], keep=lambda p: not _is_seen(p))
+        m["text_acc_seen"] = _rows(kinds["text"], keep=_is_seen)
+        same = lambda p: p["prediction"] == base_answer.get(p["id"])  # noqa: E731
+        m["text_same_as_base"] = _rows(kinds["text"], value=same)
+        m["text_same_as_base_own"] = _rows(kinds["text_own"], value=same)
+        out[name] = {k: v for k, v in m.items() if v is not None}
+    return out
+
+
+_TRAIN_VQA_ID = re.compile(r"-vqa-(?P<qtype>[A-Za-z_]+)-\d+$")
+
+
+def majority_baseline(train_path: str, eval_path: str) -> dict[str, Any]:
+    """The per-question-type majority answer of the training data, scored on the eval items.
+
+    The training records name their question type in their id (``train00012-vqa-colour-0``, see
+    writer.py). Ties go to the alphabetically first answer, so the baseline is reproducible.
+    Returns ``{"answers": {qtype: answer}, "scores": {"vqa_acc" and "vqa_acc/<qtype>": Scores}}``
+    (seed-free: the baseline depends on the data only).
+    """
+    from ..eval import read_eval_file, vqa_accuracy
+
+    with open(train_path) as f:
+        records = json.load(f)
+    counts: dict[str, Counter] = {}
+    for r in records:
+        m = _TRAIN_VQA_ID.search(str(r.get("id", "")))
+        if m:
+            counts.setdefault(m["qtype"], Counter())[r["conversations"][1]["value"]] += 1
+    if not counts:
+        raise ValueError(f"{train_path}: no VQA training records (ids like 'train00012-vqa-colour-0')")
+    answers = {q: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for q, c in sorted(counts.items())}
+    items = sorted(read_eval_file(eval_path), key=lambda it: it["id"])
+    missing = sorted({it.get("qtype") for it in items} - set(answers), key=str)
+    if missing:
+        raise ValueError(f"{eval_path}: question types {missing} have no training answers")
+    scored = [(it["qtype"], vqa_accuracy(answers[it["qtype"]], it["answer"])) for it in items]
+    scores = {"vqa_acc": Scores.of([[v for _, v in scored]], seed_free=True, bounds=(0, 1))}
+    for q in sorted({q for q, _ in scored}):
+        scores[f"vqa_acc/{q}"] = Scores.of([[v for qq, v in scored if qq == q]], seed_free=True, bounds=(0, 1))
+    return {"answers": answers, "scores": scores}
+
+
+def constant_box_baseline(train_path: str, eval_path: str) -> dict[str, Any]:
+    """Grounding's chance level: one box for every question, the coordinate-wise median of the
+    training boxes, scored on the eval items (seed-free)."""
+    from ..data.boxes import format_box, parse_boxes
+    from ..eval import grounding_scores, read_eval_file
+
+    with open(train_path) as f:
+        boxes = [b[0] for r in json.load(f) if (b := parse_boxes(r["conversations"][1]["value"]))]
+    if not boxes:
+        raise ValueError(f"{train_path}: no boxes in the grounding training answers")
+    box = [statistics.median(b[i] for b in boxes) for i in range(4)]
+    items = sorted(read_eval_file(eval_path), key=lambda it: it["id"])
+    hits, ious = [], []
+    for it in items:
+        iou, hit = grounding_scores(format_box(box), it["answer"])
+        hits.append(hit)
+        ious.append(iou)
+    return {"box": box, "scores": {"grounding_acc50": Scores.of([hits], seed_free=True, bounds=(0, 1)),
+                                   "grounding_miou": Scores.of([ious], seed_free=True, bounds=(0, 1))}}
+
+
+def findings(runs: list[Run], scores: dict[str, dict[str, Scores]], majority: dict[str, Scores],
+             box: dict[str, Scores]) -> list[Finding]:
+    """The seeds' claims, decided on the intervals measured here (reported whatever they say)."""
+    out: list[Finding] = []
+    names = {r.name for r in runs}
+    for run in runs:  # frozen workflows keep the text answers (decided on their own path)
+        m = scores[run.name]
+        if run.workflow.get("llm_train", "frozen") == "frozen" and "text_same_as_base" in m:
+            out.append(text_kept(run.name, m["text_same_as_base"], m.get("text_same_as_base_own")))
+    if "prefix_full" in names:
+        for key, what in (("text_acc_seen", "pretraining text questions"), ("text_acc", "held-out text questions")):
+            if key in scores["text"] and key in scores["prefix_full"]:
+                out.append(beats("base LLM", "prefix_full", what, scores["text"][key], scores["prefix_full"][key],
+                                 claim=f"the fine-tuned LLaVA baseline (prefix_full) forgets {what}"))
+    for run in runs:
+        if "vqa_acc" in scores[run.name]:
+            out.append(learns_to_see(run.name, scores[run.name]["vqa_acc"], majority["vqa_acc"]))
+    if {"g", "prefix"} <= names and "grounding_acc50" in scores["g"] and "grounding_acc50" in scores["prefix"]:
+        out.append(beats("IAA g", "frozen prefix", "grounding Acc@0.5", scores["g"]["grounding_acc50"],
+                         scores["prefix"]["grounding_acc50"], chance=box["grounding_acc50"]))
+    if {"mm", "prefix"} <= names and "vqa_acc" in scores["mm"] and "vqa_acc" in scores["prefix"]:
+        out.append(beats("IAA mm", "frozen prefix", "VQA", scores["mm"]["vqa_acc"], scores["prefix"]["vqa_acc"],
+                         chance=majority["vqa_acc"]))
+    return out
+
+
 COLUMNS = [
     ("vqa_acc", "VQA acc"), ("grounding_acc50", "Grnd Acc@0.5"), ("grounding_miou", "Grnd mIoU"),
     ("caption_cider", "Caption CIDEr"), ("text_acc_seen", "Text acc (seen)"), ("text_acc", "Text acc (held-out)"),
-    ("text_same_as_base", "Text = base"),
-    ("trainable_params", "Trainable"), ("train_seconds", "Train s"),
+    ("text_same_as_base", "Text = base (deployed)"), ("text_same_as_base_own", "Text = base (own path)"),
 ]
 
 
-def _fmt(key: str, value: Any) -> str:
-    if value is None:
+def fmt(key: str, est: dict[str, Any] | None) -> str:
+    """A metric's mean and its interval: "± half-width", or "[low, high]" where the interval was
+    clipped to the score's range (and so is not symmetric)."""
+    if est is None:
         return "-"
-    if key == "trainable_params":
-        return f"{int(value):,}"
-    if key == "train_seconds":
-        return f"{value:.0f}"
-    if key in ("caption_cider",):
-        return f"{value:.2f}"
-    return f"{100 * value:.1f}%"
+    scale, digits, unit = (1, 2, "") if key.startswith("caption") else (100, 1, "%")
+    mean, low, high = est["mean"], est.get("low"), est.get("high")
+    text = f"{scale * mean:.{digits}f}{unit}"
+    if low is None:
+        return text
+    if abs((high - mean) - (mean - low)) < 1e-9:
+        return f"{scale * mean:.{digits}f} ± {scale * (high - mean):.{digits}f}{unit}"
+    return f"{text} [{scale * low:.{digits}f}, {scale * high:.{digits}f}]"
 
 
 def print_table(results: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="ShapesWorld: frozen base vs fine-tuned", title_justify="left")
+    n = len(results["seeds"])
+    table = Table(title=f"ShapesWorld: frozen base vs fine-tuned ({n} seed{'s' * (n > 1)}, data seed "
+                        f"{results['data_seed']}; ± = 95% interval)", title_justify="left")
     table.add_column("workflow")
     for _, title in COLUMNS:
         table.add_column(title, justify="right")
+    table.add_column("Trainable", justify="right")
+    chance = results["baselines"]["majority"]["metrics"] | results["baselines"]["constant_box"]["metrics"]
+    table.add_row("majority / median box", *[fmt(k, chance.get(k)) for k, _ in COLUMNS], "-")
     for name, row in results["runs"].items():
-        table.add_row(name, *[_fmt(k, row.get(k)) for k, _ in COLUMNS])
+        table.add_row(name, *[fmt(k, row["metrics"].get(k)) for k, _ in COLUMNS],
+                      f"{row['trainable_params']:,}" if "trainable_params" in row else "-")
     console = Console()
     if not console.is_terminal:
-        console = Console(width=170)  # a log file: no need to squeeze the table into 80 columns
+        console = Console(width=200)  # a log file: no need to squeeze the table into 80 columns
     console.print(table)
-
-
-def findings(results: dict[str, Any]) -> list[str]:
-    """The seeds' claims, checked on the numbers measured here (reported whatever they say)."""
-    runs = results["runs"]
-    out = []
-    frozen = [n for n, r in runs.items() if n not in ("text", "prefix_full") and "text_same_as_base" in r]
-    same = all(runs[n]["text_same_as_base"] == 1.0 for n in frozen)
-    out.append(f"[{'reproduced' if same else 'NOT reproduced'}] frozen workflows answer the held-out text tasks "
-               f"exactly like the base LLM: " + ", ".join(f"{n} {100 * runs[n]['text_same_as_base']:.0f}% same"
-                                                         for n in frozen))
-    for key, what in (("text_acc_seen", "pretraining text questions"), ("text_acc", "held-out text questions")):
-        base = runs.get("text", {}).get(key)
-        if "prefix_full" in runs and base is not None:
-            full = runs["prefix_full"].get(key)
-            verdict = "reproduced" if full is not None and full < base else "NOT reproduced"
-            out.append(f"[{verdict}] the fine-tuned LLaVA baseline forgets ({what}): accuracy {100 * base:.1f}% "
-                       f"(base) -> {100 * (full or 0):.1f}% (prefix_full)")
-    if {"mm", "g", "prefix"} <= set(runs):
-        vq_ok = runs["mm"].get("vqa_acc", 0) >= runs["prefix"].get("vqa_acc", 0)
-        gr_ok = runs["g"].get("grounding_acc50", 0) >= runs["prefix"].get("grounding_acc50", 0)
-        out.append(f"[{'reproduced' if vq_ok and gr_ok else 'NOT reproduced'}] inner_adaptor >= frozen prefix: "
-                   f"VQA {100 * runs['mm'].get('vqa_acc', 0):.1f}% vs {100 * runs['prefix'].get('vqa_acc', 0):.1f}%, "
-                   f"grounding Acc@0.5 {100 * runs['g'].get('grounding_acc50', 0):.1f}% vs "
-                   f"{100 * runs['prefix'].get('grounding_acc50', 0):.1f}%")
-    return out
-
-
-def write_report(out: str, results: dict[str, Any]) -> None:
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=float)
-    lines = ["# ShapesWorld demo report", "",
-             f"Scale: {results['scale']}, seed {results['seed']}. Timings (s): "
-             + ", ".join(f"{k} {v:.0f}" for k, v in results["timings"].items()), "",
-             "| workflow | " + " | ".join(t for _, t in COLUMNS) + " |",
-             "|---|" + "---:|" * len(COLUMNS)]
-    for name, row in results["runs"].items():
-        lines.append(f"| {name}: {row.get('label', '')} | " + " | ".join(_fmt(k, row.get(k)) for k, _ in COLUMNS) + " |")
-    lines += ["", "## Findings", ""] + [f"- {line}" for line in results["findings"]]
-    lines += ["", "`Text = base`: share of text questions (seen and held-out) answered exactly as the base LLM answers them.",
-              "Text acc (seen): questions from the base LLM's text pretraining (the skills it had before being",
-              "frozen: arithmetic, facts of a made-up world, word games); text acc (held-out): questions it never",
-              "saw. Multimodal metrics are on held-out ShapesWorld images.", "",
-              "![chart](chart.png)"]
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    _chart(os.path.join(out, "chart.png"), results)
-
-
-def _chart(path: str, results: dict[str, Any]) -> None:
-    """Grouped bars (VQA, grounding Acc@0.5, text acc) per workflow, drawn with Pillow."""
-    metrics = [("vqa_acc", (66, 133, 244)), ("grounding_acc50", (52, 168, 83)), ("text_acc_seen", (234, 67, 53))]
-    names = list(results["runs"])
-    w, h, left, bottom = 120 * len(names) + 80, 320, 50, 60
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    top = 20
-    d.line([(left, top), (left, h - bottom), (w - 10, h - bottom)], fill="black")
-    for frac in (0.25, 0.5, 0.75, 1.0):
-        y = h - bottom - frac * (h - bottom - top)
-        d.line([(left - 4, y), (w - 10, y)], fill=(220, 220, 220))
-        d.text((5, y - 6), f"{int(frac * 100)}%", fill="black")
-    for i, name in enumerate(names):
-        x0 = left + 20 + 120 * i
-        for j, (key, colour) in enumerate(metrics):
-            v = results["runs"][name].get(key)
-            if v is None:
-                continue
-            x = x0 + 28 * j
-            d.rectangle([x, h - bottom - v * (h - bottom - top), x + 22, h - bottom], fill=colour)
-        d.text((x0, h - bottom + 8), name[:16], fill="black")
-    for j, (key, colour) in enumerate(metrics):
-        d.rectangle([left + 160 * j, h - 22, left + 160 * j + 12, h - 10], fill=colour)
-        d.text((left + 160 * j + 16, h - 22), key, fill="black")
-    img.save(path)
 
 
 def _chat(model, results: dict[str, Any], data_dir: str) -> None:
     from ..eval import read_eval_file
 
-    runs = {n: r for n, r in results["runs"].items() if n != "text" and r.get("vqa_acc") is not None}
-    best = max(runs, key=lambda n: runs[n]["vqa_acc"]) if runs else "text"
+    runs = {n: r["metrics"]["vqa_acc"]["mean"] for n, r in results["runs"].items()
+            if n != "text" and "vqa_acc" in r["metrics"]}
+    best = max(runs, key=runs.get) if runs else "text"
     image = read_eval_file(os.path.join(data_dir, "eval_vqa.jsonl"))[0]["image"]
     print(f"\nChat with workflow {best!r} about {image} (empty line or Ctrl-D ends; /text switches to text).")
     task = best
