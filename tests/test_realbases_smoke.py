@@ -9,6 +9,7 @@ and loads to identical logits. Skipped only when the registry cannot be reached.
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -78,7 +79,7 @@ def test_one_training_step_on_the_unmarked_template_then_generate_save_load(real
 
     tok_dir = real.llm_dir
     with open(os.path.join(tok_dir, "chat_template.jinja")) as f:
-        assert "generation" not in f.read()  # SmolLM2's own template: no {% generation %} markers
+        assert not re.search(r"\{%-?\s*generation\s*-?%\}", f.read())  # SmolLM2's own template: no markers
     data = write_llava_data(tmp_path / "data", n=4)
     cfg = TrainConfig.from_dict({
         "llm": real.llm_dir, "vision": real.vision_dir, "output_dir": str(tmp_path / "run"),
