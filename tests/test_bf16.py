@@ -97,11 +97,12 @@ def test_bf16_base_inference_train_save_load(bases, images, data, tmp_path, fami
 
 
 def test_bf16_resume_continues_from_the_fp32_masters(bases, data, tmp_path):
-    """Stopped after step 1 and resumed, a bf16-base run ends exactly where an uninterrupted one does:
-    the checkpoint's fp32 masters (not its bf16 model dir) are what training continues from."""
+    """Saving a checkpoint after every step, stopped after step 1 and resumed, a bf16-base run ends
+    exactly where an uninterrupted one that saved nothing midway does: saving leaves the fp32 masters
+    untouched, and they (not the checkpoint's bf16 model dir) are what training continues from."""
     llm, vis = bases()
     wf = FAMILIES["inner_adaptor"]
-    ref = _config(llm, vis, data, tmp_path / "ref", wf, ["connector", "adapter"])
+    ref = _config(llm, vis, data, tmp_path / "ref", wf, ["connector", "adapter"], save_every=0)
     ref["stages"][0].update(steps=3, lr=1e-3)  # small steps: fp32 masters and their bf16 copies differ
     train(ref, show_progress=False)
 
@@ -112,7 +113,7 @@ def test_bf16_resume_continues_from_the_fp32_masters(bases, data, tmp_path):
         if position.global_step == 1:
             raise Stop
 
-    crash = {**ref, "output_dir": str(tmp_path / "crash")}
+    crash = {**ref, "output_dir": str(tmp_path / "crash"), "save_every": 1}
     with pytest.raises(Stop):
         train(crash, show_progress=False, callbacks=[stop])
     masters = load_file(os.path.join(list_checkpoints(tmp_path / "crash")[-1], MASTERS))
