@@ -67,6 +67,17 @@ def base_checksum(model: FrozenVLModel) -> str:
     return h.hexdigest()
 
 
+def _allow_precision(mixed_precision: str) -> None:
+    """accelerate keeps the first Accelerator's precision for the whole process and refuses another;
+    a later run in the same process (a notebook, a test session) may pick its own. Only the
+    precision state is dropped: the process group and device (PartialState) stay."""
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def select_parameters(family: nn.Module, selectors: list[str]) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """Resolve a stage's `train` list: family part names, or fnmatch patterns over parameter names."""
     parts = family.parts()
@@ -122,9 +133,9 @@ class Trainer:
         multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         # Parameters may go unused in a step (the connector on a text-only micro-batch).
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-        self.accelerator = Accelerator(
-            mixed_precision="no" if precision == "fp32" else precision, cpu=multi_cpu, kwargs_handlers=[ddp]
-        )
+        mixed = "no" if precision == "fp32" else precision
+        _allow_precision(mixed)
+        self.accelerator = Accelerator(mixed_precision=mixed, cpu=multi_cpu, kwargs_handlers=[ddp])
         self.show_progress = show_progress and self.accelerator.is_main_process
         set_seed(cfg.seed)
         self.task = cfg.workflow_name
