@@ -69,6 +69,8 @@ def main() -> None:
         family = model.workflow("mm")
         params = model.trainable_parameters("mm")
         inputs = model.prepare_inputs(prompts, [[im] for im in images], "mm")
+        # loss on the text tokens: not on image slots or left padding
+        labels = inputs["input_ids"].masked_fill((inputs["input_ids"] < 0) | (inputs["attention_mask"] == 0), -100)
         n_llm = n_params(model.llm)
 
         # The trainer's discipline: fp32 masters of the workflow's weights, autocast for the math.
@@ -80,7 +82,7 @@ def main() -> None:
 
         def train_step() -> None:
             with autocast:
-                loss = model(**inputs, labels=inputs["input_ids"], task="mm").loss
+                loss = model(**inputs, labels=labels, task="mm").loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
