@@ -280,6 +280,9 @@ class Trainer:
                         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
                     )
                     loss_sum += loss.detach()
+                    if not loss.requires_grad:
+                        # Only text rows and only the connector trained (prefix): nothing trained took part.
+                        loss = loss + sum(p.sum() for p in params) * 0.0
                 acc.backward(loss * scale)
         if stage.max_grad_norm:
             acc.clip_grad_norm_(params, stage.max_grad_norm)
