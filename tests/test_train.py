@@ -136,13 +136,36 @@ def _final_weights(run_dir):
     return load_file(os.path.join(run_dir, "workflow-mm.safetensors"))
 
 
-def test_sigkill_and_resume_gives_the_same_weights(bases, data, tmp_path):
-    llm, vis = bases()
+@pytest.fixture(scope="module")
+def dropout_llm(bases, tmp_path_factory):
+    """The tiny base with attention dropout configured: the frozen base runs in eval mode (no dropout),
+    but inner_adaptor's trainable copies of its layers drop out while training, consuming the RNG."""
+    llm, _ = bases()
+    out = tmp_path_factory.mktemp("dropout") / "llm"
+    shutil.copytree(llm, out)
+    conf = json.loads((out / "config.json").read_text())
+    conf["attention_dropout"] = 0.1
+    (out / "config.json").write_text(json.dumps(conf))
+    return str(out)
+
+
+def test_sigkill_and_resume_gives_the_same_weights(bases, dropout_llm, data, tmp_path):
+    _, vis = bases()
     ref_dir, crash_dir = tmp_path / "ref", tmp_path / "crash"
-    train(_config(llm, vis, data, ref_dir), show_progress=False)
+
+    def config(out):
+        cfg = _config(dropout_llm, vis, data, out)
+        # Resumed mid-warmup of a cosine schedule: a scheduler started afresh gives other learning rates.
+        cfg["stages"][1].update(schedule="cosine", warmup_ratio=0.5)
+        return cfg
+
+    train(config(ref_dir), show_progress=False)
+    rows = [json.loads(line) for line in open(ref_dir / "metrics.jsonl")]
+    # stage 2's rate after each of its 4 steps: 2 steps of warmup, then cosine down to 0
+    assert [r["lr"] for r in rows[3:]] == pytest.approx([5e-4, 1e-3, 5e-4, 0.0], abs=1e-12)
 
     cfg_path = tmp_path / "crash.yaml"
-    cfg_path.write_text(yaml.safe_dump(_config(llm, vis, data, crash_dir)))
+    cfg_path.write_text(yaml.safe_dump(config(crash_dir)))
     # The child kills itself with SIGKILL after optimizer step 5 (stage 2, mid-epoch; checkpoint at step 4).
     script = textwrap.dedent(f"""
         import os, signal
@@ -166,8 +189,6 @@ def test_sigkill_and_resume_gives_the_same_weights(bases, data, tmp_path):
 
 
 def test_two_processes_match_one(bases, data, tmp_path):
-    if shutil.which("torchrun") is None:
-        pytest.skip("torchrun not on PATH")
     llm, vis = bases()
     one = _config(llm, vis, data, tmp_path / "one")
     one["stages"] = [{"name": "s", "train": ["connector", "adapter"], "lr": 1e-3, "steps": 3, "batch_size": 4,
@@ -185,7 +206,7 @@ def test_two_processes_match_one(bases, data, tmp_path):
     script.write_text(f"from frozenvl.train import train\ntrain({str(cfg_path)!r}, show_progress=False)\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        ["torchrun", "--nproc_per_node", "2", "--master_port", "29517", str(script)],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(script)],
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -238,3 +259,28 @@ def test_reused_output_dir_and_tiny_dataset_are_clear_errors(bases, data, tmp_pa
     cfg["data"]["train"] = small
     res = train(cfg, show_progress=False)  # one process: a partial micro-batch is fine
     assert res.steps == 1
+
+
+def test_a_family_that_changes_the_base_while_being_attached_is_caught(bases, data, tmp_path, monkeypatch):
+    """The base checksum is taken before the trainer attaches the workflow, so a family whose
+    construction alters a base weight fails the run (it used to pass: the checksum came after)."""
+    from frozenvl.families.bind import BindFamily
+
+    llm, vis = bases()
+    real_init = BindFamily.__init__
+
+    def tampering_init(self, cfg, base, vision_hidden):
+        real_init(self, cfg, base, vision_hidden)
+        with torch.no_grad():
+            base.model.layers[0].mlp.down_proj.weight.mul_(1.01)
+
+    monkeypatch.setattr(BindFamily, "__init__", tampering_init)
+    cfg = _config(llm, vis, data, tmp_path / "run", workflow={"name": "mm", "family": "bind"})
+    cfg["stages"] = [{"name": "s", "train": ["bind"], "lr": 1e-3, "steps": 1, "batch_size": 4}]
+    with pytest.raises(RuntimeError, match="frozen base weights changed"):
+        train(cfg, show_progress=False)  # the trainer loads the base itself
+    model = frozenvl.build(llm, vis, workflows={})
+    cfg["output_dir"] = str(tmp_path / "given")
+    with pytest.raises(RuntimeError, match="frozen base weights changed"):
+        train(cfg, model=model, show_progress=False)  # a loaded base handed in, the workflow attached by train
+    assert json.load(open(tmp_path / "given" / "train_summary.json"))["base_unchanged"] is False

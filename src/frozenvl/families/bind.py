@@ -191,7 +191,8 @@ class BindNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)
         for norm, ffn in zip(self.norms, self.ffns):
-            x = x + ffn(norm(x))
+            # Under autocast x is bf16 while the norm's (fp32 master) weight is not: match them.
+            x = x + ffn(norm(x.to(norm.weight.dtype)))
         return x
 
 

@@ -1,8 +1,10 @@
 """Crash-safe training checkpoints: written to a temp dir, then renamed; the last K kept.
 
-A checkpoint holds the workflow's own weights (safetensors), the optimizer and scheduler states,
-every process's RNG states and the position in the data (`state.json`). Torch files are read
-with `weights_only=True`: nothing arbitrary is unpickled.
+A checkpoint is a frozenvl model dir (`frozenvl.json` and the workflow's own weights in the
+base's dtype: `frozenvl.load` opens it) plus what resuming needs: the fp32 master weights when
+those differ in dtype (`master.safetensors`), the optimizer and scheduler states, every process's
+RNG states and the position in the data (`state.json`). Torch files are read with
+`weights_only=True`: nothing arbitrary is unpickled.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..model import WEIGHTS_PATTERN
+
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
+MASTERS = "master.safetensors"  # fp32 master weights (only when the workflow's own dtype is not fp32)
 
 
 @dataclass
@@ -93,9 +98,11 @@ def begin(output_dir: str, global_step: int) -> str:
     return tmp
 
 
-def write_main(tmp: str, weights: dict[str, torch.Tensor], optimizer, scheduler, position: Position,
+def write_main(tmp: str, masters: dict[str, torch.Tensor] | None, optimizer, scheduler, position: Position,
                extra: dict[str, Any]) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, os.path.join(tmp, "workflow.safetensors"))
+    """Everything but the model dir itself; `masters`: the fp32 weights, when the model dir's are not fp32."""
+    if masters is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in masters.items()}, os.path.join(tmp, MASTERS))
     torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
     torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
     with open(os.path.join(tmp, "extra.json"), "w") as f:
@@ -128,10 +135,12 @@ def read(path: str, rank: int, device: torch.device | str = "cpu") -> dict[str, 
     with open(os.path.join(path, "extra.json")) as f:
         extra = json.load(f)
     rng_file = os.path.join(path, f"rng-{rank}.pt")
+    masters = os.path.join(path, MASTERS)
+    weights = masters if os.path.isfile(masters) else os.path.join(path, WEIGHTS_PATTERN.format(name=extra["task"]))
     return {
         "position": position,
         "extra": extra,
-        "weights": load_file(os.path.join(path, "workflow.safetensors"), device=str(device)),
+        "weights": load_file(weights, device=str(device)),
         "optimizer": torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True),
         "scheduler": torch.load(os.path.join(path, "scheduler.pt"), weights_only=True),
         "rng": _rng_from_saved(torch.load(rng_file, weights_only=True)) if os.path.isfile(rng_file) else None,

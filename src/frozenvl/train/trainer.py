@@ -33,6 +33,7 @@ from ..config import ConfigError
 from ..model import FrozenVLModel
 from . import checkpoint as ckpt
 from .config import StageConfig, TrainConfig
+from .precision import MasterWeights
 
 
 @dataclass
@@ -64,6 +65,17 @@ def base_checksum(model: FrozenVLModel) -> str:
             h.update(f"{prefix}.{name}".encode())
             h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _allow_precision(mixed_precision: str) -> None:
+    """accelerate keeps the first Accelerator's precision for the whole process and refuses another;
+    a later run in the same process (a notebook, a test session) may pick its own. Only the
+    precision state is dropped: the process group and device (PartialState) stay."""
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def select_parameters(family: nn.Module, selectors: list[str]) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -121,14 +133,17 @@ class Trainer:
         multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         # Parameters may go unused in a step (the connector on a text-only micro-batch).
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-        self.accelerator = Accelerator(
-            mixed_precision="no" if precision == "fp32" else precision, cpu=multi_cpu, kwargs_handlers=[ddp]
-        )
+        mixed = "no" if precision == "fp32" else precision
+        _allow_precision(mixed)
+        self.accelerator = Accelerator(mixed_precision=mixed, cpu=multi_cpu, kwargs_handlers=[ddp])
         self.show_progress = show_progress and self.accelerator.is_main_process
         set_seed(cfg.seed)
         self.task = cfg.workflow_name
         if model is None:
             model = FrozenVLModel.build(cfg.llm, cfg.vision, workflows={}, dtype=cfg.dtype)
+        # Before the workflow is attached: a family that touched the base while being built is caught.
+        # (A model handed in with the workflow already attached can only be checked from here on.)
+        self.base_checksum_before = base_checksum(model)
         if self.task not in model.workflows:
             if cfg.init_from:
                 model.load_workflow(cfg.init_from, self.task)
@@ -136,9 +151,9 @@ class Trainer:
                 model.add_workflow(self.task, cfg.workflow_config())
         self.model = model.to(self.accelerator.device)
         self.family = model.workflow(self.task)
-        if precision != "fp32":
-            self.family.float()  # trainable weights in fp32; autocast does the low-precision math
-        elif model.llm.dtype in (torch.float16, torch.bfloat16):
+        # fp32 masters of the trainable weights while training under autocast; the base's dtype outside.
+        self.masters = MasterWeights(self.family, enabled=precision != "fp32")
+        if precision == "fp32" and model.llm.dtype in (torch.float16, torch.bfloat16):
             raise ConfigError(
                 f"the base is loaded in {model.llm.dtype} but precision is fp32: use precision bf16/fp16 "
                 "(autocast, fp32 trainable weights) or load the base in float32"
@@ -265,6 +280,9 @@ class Trainer:
                         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
                     )
                     loss_sum += loss.detach()
+                    if not loss.requires_grad:
+                        # Only text rows and only the connector trained (prefix): nothing trained took part.
+                        loss = loss + sum(p.sum() for p in params) * 0.0
                 acc.backward(loss * scale)
         if stage.max_grad_norm:
             acc.clip_grad_norm_(params, stage.max_grad_norm)
@@ -287,8 +305,12 @@ class Trainer:
         ckpt.write_rng(tmp, acc.process_index)
         acc.wait_for_everyone()
         if acc.is_main_process:
+            # A model dir in the base's dtype (frozenvl.load opens it), plus the fp32 masters to resume from.
+            with self.masters.build_dtype():
+                self.model.save_pretrained(tmp, tasks=[self.task])
+            masters = self.family.owned_state_dict() if self.masters.separate else None
             extra = {"skipped": dict(self.dataset.stats.skipped), "task": self.task}
-            ckpt.write_main(tmp, self.family.owned_state_dict(), optimizer, scheduler, position, extra)
+            ckpt.write_main(tmp, masters, optimizer, scheduler, position, extra)
             ckpt.commit(tmp, self.cfg.keep_last)
         acc.wait_for_everyone()
 
@@ -297,7 +319,6 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         os.makedirs(cfg.output_dir, exist_ok=True)
         result = TrainResult(output_dir=cfg.output_dir)
-        checksum_before = base_checksum(self.model)
         position = ckpt.Position()
         restored = None
         if not resume and ckpt.list_checkpoints(cfg.output_dir):
@@ -305,27 +326,29 @@ class Trainer:
                 f"{cfg.output_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
                 "or choose another output_dir"
             )
-        if resume:
-            found = ckpt.list_checkpoints(cfg.output_dir)
-            if found:
-                restored = ckpt.read(found[-1], acc.process_index, acc.device)
-                position = restored["position"]
-                result.resumed_from = found[-1]
-                with torch.no_grad():
-                    named = dict(self.family.named_parameters())
-                    for k, v in restored["weights"].items():
-                        named[k].copy_(v)
-            elif acc.is_main_process:
-                print(f"--resume: no checkpoint under {ckpt.checkpoint_root(cfg.output_dir)}; starting fresh")
-        metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-        if acc.is_main_process:
-            _truncate_metrics(metrics_path, position.global_step)  # rows after the checkpoint are redone
-        metrics = open(metrics_path, "a", encoding="utf-8") if acc.is_main_process else None
-        tb = self._tensorboard()
-        start = time.time()
-        self.model.train()
-        last_loss = None
+        metrics = tb = None
         try:
+            self.masters.to_fp32()  # before any optimizer holds the parameters or a checkpoint refills them
+            if resume:
+                found = ckpt.list_checkpoints(cfg.output_dir)
+                if found:
+                    restored = ckpt.read(found[-1], acc.process_index, acc.device)
+                    position = restored["position"]
+                    result.resumed_from = found[-1]
+                    with torch.no_grad():
+                        named = dict(self.family.named_parameters())
+                        for k, v in restored["weights"].items():
+                            named[k].copy_(v)
+                elif acc.is_main_process:
+                    print(f"--resume: no checkpoint under {ckpt.checkpoint_root(cfg.output_dir)}; starting fresh")
+            metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+            if acc.is_main_process:
+                _truncate_metrics(metrics_path, position.global_step)  # rows after the checkpoint are redone
+            metrics = open(metrics_path, "a", encoding="utf-8") if acc.is_main_process else None
+            tb = self._tensorboard()
+            start = time.time()
+            self.model.train()
+            last_loss = None
             for stage_idx in range(position.stage, len(cfg.stages)):
                 stage, optimizer, scheduler, params, total, per_epoch, ddp = self._setup_stage(stage_idx)
                 if restored is not None and restored["position"].stage == stage_idx:
@@ -382,6 +405,7 @@ class Trainer:
                 position = done
                 restored = None
         finally:
+            self.masters.to_build_dtype()  # what is returned and saved runs inference in the base's dtype
             if metrics is not None:
                 metrics.close()
             if tb is not None:
@@ -392,14 +416,17 @@ class Trainer:
         result.seconds = time.time() - start
         result.skipped = self._skipped_everywhere()
         result.final_loss = last_loss
-        result.base_unchanged = base_checksum(self.model) == checksum_before
+        result.base_unchanged = base_checksum(self.model) == self.base_checksum_before
         if acc.is_main_process:
             self.model.save_pretrained(cfg.output_dir, tasks=[self.task])
             with open(os.path.join(cfg.output_dir, "train_summary.json"), "w") as f:
                 json.dump(result.__dict__, f, indent=1)
         acc.wait_for_everyone()
         if not result.base_unchanged:
-            raise RuntimeError("the frozen base weights changed during training: this is a frozenvl bug")
+            raise RuntimeError(
+                "the frozen base weights changed between loading the base and the end of training (while the "
+                "workflow was attached or trained): this is a frozenvl bug"
+            )
         return result
 
     def _skipped_everywhere(self) -> dict[str, int]:
