@@ -183,8 +183,8 @@ def test_infimm_rows_without_images_are_the_base(bases, images):
 @pytest.mark.parametrize("style", ["openflamingo", "idefics"])
 def test_cached_generation_equals_recomputation(bases, images, style):
     model = _build(bases, style=style, gate_type="vector" if style == "idefics" else "float", qk_norm=True)
-    perturb(model, "mm", scale=0.2)
-    assert_cache_matches_recompute(model, "mm", images)
+    perturb(model, "mm", scale=0.5, parts=["xattn", "resampler"])
+    assert_cache_matches_recompute(model, "mm", images, min_distinct=2)
     # a batch with 2, 1 and 0 images per row (mixed rows route per group; check the workflow itself)
     inputs = model.prepare_inputs(["<image> and <image> what", "<image> say", "no image here"],
                                   [images[:2], [images[2]], []], task="mm")
