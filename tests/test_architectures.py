@@ -268,8 +268,8 @@ def test_a_layer_without_a_cache_parameter_is_an_error():
 
 
 def test_masks_get_the_cache_under_their_own_name(bases, images, monkeypatch):
-    """Simulate transformers < 5.24 masks (past_key_values) under today's layers, and the reverse name on
-    today's masks: cached generation is right either way, and the mask really got the cache."""
+    """Simulate mask functions taking the cache under the other name than the installed transformers
+    (past_key_values on 5.24, cache on older): cached generation stays right, and the mask got the cache."""
     from transformers import masking_utils
 
     llm_dir, vis = bases("llama")
@@ -278,14 +278,22 @@ def test_masks_get_the_cache_under_their_own_name(bases, images, monkeypatch):
     expected = model.generate(prompt="<image> what is this", images=[images[0]], task="mm", max_new_tokens=6,
                               eos_token_id=[], use_cache=False)
     got = []
+    real = masking_utils.create_causal_mask
+    real_name = cache_kwarg(real)
 
-    def old_causal_mask(config, inputs_embeds, attention_mask, past_key_values, position_ids=None):
-        got.append(past_key_values)
-        return masking_utils.create_causal_mask(config=config, inputs_embeds=inputs_embeds,
-                                                attention_mask=attention_mask, cache=past_key_values,
-                                                position_ids=position_ids)
+    # a mask function taking the cache under the name the installed transformers does not use
+    if real_name == "cache":
+        def other_mask(config, inputs_embeds, attention_mask, past_key_values, position_ids=None):
+            got.append(past_key_values)
+            return real(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                        position_ids=position_ids, cache=past_key_values)
+    else:
+        def other_mask(config, inputs_embeds, attention_mask, cache, position_ids=None):
+            got.append(cache)
+            return real(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                        position_ids=position_ids, past_key_values=cache)
 
-    monkeypatch.setattr(base, "create_causal_mask", old_causal_mask)
+    monkeypatch.setattr(base, "create_causal_mask", other_mask)
     cached = model.generate(prompt="<image> what is this", images=[images[0]], task="mm", max_new_tokens=6,
                             eos_token_id=[])
     assert torch.equal(cached, expected)

@@ -360,6 +360,9 @@ def _phi3(common: dict[str, Any], hd: int, custom_head_dim: bool):
 def _olmo2(common: dict[str, Any], hd: int, custom_head_dim: bool):
     from transformers import Olmo2Config
 
+    # transformers 5.4's Olmo2Config validates tie_word_embeddings as an int; False is its default anyway
+    if common["tie_word_embeddings"] is False:
+        common = {k: v for k, v in common.items() if k != "tie_word_embeddings"}
     return Olmo2Config(**common)
 
 
@@ -394,13 +397,16 @@ def build_llm(
     tie_word_embeddings: bool = False,
     seed: int = 0,
     attn_implementation: str = "sdpa",
+    initializer_range: float = 0.02,
 ) -> str:
     """Build a tiny randomly initialised causal LM and save it to ``out_dir``.
 
     The tokenizer from ``tokenizer_dir`` (or, if None, a fresh default
     ChatML tokenizer) is saved into ``out_dir`` too, so ``out_dir`` is a
     complete model directory for ``AutoModelForCausalLM`` and
-    ``AutoTokenizer``.  Returns ``str(out_dir)``.
+    ``AutoTokenizer``.  A larger ``initializer_range`` than HF's 0.02 gives
+    sharper attention (positions matter more, greedy output repeats less).
+    Returns ``str(out_dir)``.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -430,6 +436,7 @@ def build_llm(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
+        initializer_range=initializer_range,
     )
     config = _llm_config(arch, common, head_dim)
     if arch in _EAGER_ONLY:
