@@ -360,9 +360,6 @@ def _phi3(common: dict[str, Any], hd: int, custom_head_dim: bool):
 def _olmo2(common: dict[str, Any], hd: int, custom_head_dim: bool):
     from transformers import Olmo2Config
 
-    # transformers 5.4's Olmo2Config validates tie_word_embeddings as an int; False is its default anyway
-    if common["tie_word_embeddings"] is False:
-        common = {k: v for k, v in common.items() if k != "tie_word_embeddings"}
     return Olmo2Config(**common)
 
 
