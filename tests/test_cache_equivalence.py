@@ -21,6 +21,9 @@ WORKFLOWS = {
     "bind": ({"family": "bind"}, 0.1, None),
     "cross_attention": ({"family": "cross_attention", "every": 1, "resampler_depth": 1, "resampler_latents": 4,
                          "resampler_heads": 2, "resampler_head_dim": 8}, 0.1, ["xattn", "resampler"]),
+    "cross_attention_idefics": ({"family": "cross_attention", "style": "idefics", "gate_type": "vector", "qk_norm": True,
+                                 "every": 1, "resampler_depth": 1, "resampler_latents": 4, "resampler_heads": 2,
+                                 "resampler_head_dim": 8}, 0.1, ["xattn", "resampler"]),
 }
 # A Llama-block base with grouped-query attention and a Gemma2 base (sliding window of 4 < the prompts,
 # softcapped logits) for the families that run on it.
