@@ -57,7 +57,9 @@ class VisionTower(nn.Module):
 
     @torch.no_grad()
     def has_cls(self) -> bool:
-        return hasattr(getattr(self.model, "embeddings", None), "class_embedding")
+        # transformers < 5.24 keeps CLIPVisionModel's embeddings one level down, at vision_model.embeddings
+        inner = getattr(self.model, "vision_model", self.model)
+        return hasattr(getattr(inner, "embeddings", getattr(self.model, "embeddings", None)), "class_embedding")
 
     def num_tokens(self, keep_cls: bool = False) -> int:
         return self.num_patches + (1 if keep_cls and self.has_cls() else 0)
