@@ -16,7 +16,23 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 hf_logging.disable_progress_bar()
 torch.set_num_threads(2)
 
-LLM_ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
+LLM_ARCHS = ["llama", "qwen2", "qwen3", "mistral"]  # the Llama-block archs most tests sweep
+
+
+def _archs() -> tuple[list[str], list[str]]:
+    from frozenvl.families.architectures import ARCHITECTURES
+
+    return list(ARCHITECTURES), [a for a, spec in ARCHITECTURES.items() if spec.llama_block]
+
+
+ALL_ARCHS, LLAMA_BLOCK_ARCHS = _archs()  # every architecture in the table; those with the Llama block
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Workflows initialise from torch's global RNG: seed it per test, so that what a test sees (e.g.
+    whether greedy output is degenerate) does not depend on which tests ran before it."""
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")
@@ -91,26 +107,54 @@ def write_llava_data(root, n: int = 12, with_text_only: bool = True, bad: dict |
     return out
 
 
-def assert_cache_matches_recompute(model, task: str, images) -> None:
-    """Cached generation == full recomputation (tokens), and a cached decode step's logits == the
-    whole sequence recomputed (tolerance), with images that really change the output."""
-    for prompt, imgs in [("<image>\nwhat is this", [images[0]]), ("<image> and <image> differ how", images[:2])]:
-        cached = model.generate(prompt=prompt, images=imgs, task=task, max_new_tokens=8, eos_token_id=[])
-        full = model.generate(prompt=prompt, images=imgs, task=task, max_new_tokens=8, eos_token_id=[],
-                              use_cache=False)
-        assert torch.equal(cached, full)
-    inputs = batch_inputs(model, task, "<image>\nwhat is this", [images[0]])
-    with torch.no_grad():
-        out = model(**inputs, task=task, use_cache=True)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        mask = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], 1)
-        step = model(nxt, mask, task=task, past_key_values=out.past_key_values,
-                     position_ids=mask.sum(-1, keepdim=True) - 1, use_cache=True).logits[:, -1]
-        full_ids = torch.cat([inputs["input_ids"], nxt], 1)
-        full = model(full_ids, mask, pixel_values=inputs["pixel_values"], task=task).logits[:, -1]
-        other_image = model(full_ids, mask, pixel_values=model.pixel_values([images[1]], task), task=task).logits[:, -1]
-    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
-    assert (full - other_image).abs().max() > 1e-4
+CACHE_PROMPTS = (("<image>\nwhat is this", 1), ("<image> and <image> differ how", 2))
+
+
+def capture_step_logits(model):
+    """Context manager: the last-position logits [B, V] of every forward pass `model` runs (e.g. each
+    step of generation.py's loop), recorded by a hook on the model itself (the loop is not touched)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        steps: list[torch.Tensor] = []
+        handle = model.register_forward_hook(lambda mod, args, out: steps.append(out.logits[:, -1].detach().clone()))
+        try:
+            yield steps
+        finally:
+            handle.remove()
+
+    return ctx()
+
+
+def assert_cache_matches_recompute(model, task: str, images, max_new_tokens: int = 8, min_distinct: int = 3,
+                                   tol: float = 1e-4) -> None:
+    """Per-step logits of the real generation loop with the KV cache == the whole sequence recomputed
+    without cache, for a left-padded batch of prompts with 1 and 2 images; the cached and uncached
+    loops give the same tokens; the tokens are not degenerate (at least `min_distinct` distinct
+    values per row); and the images matter (another image changes the recomputed logits)."""
+    prompts = [p for p, _ in CACHE_PROMPTS]
+    per_row = [list(images[k : k + n]) for k, (_, n) in enumerate(CACHE_PROMPTS)]
+    kw = dict(task=task, max_new_tokens=max_new_tokens, eos_token_id=[])
+    with capture_step_logits(model) as steps:
+        cached = model.generate(prompt=prompts, images=per_row, **kw)
+    assert len(steps) == max_new_tokens, f"{len(steps)} forward passes for {max_new_tokens} tokens"
+    assert torch.equal(cached, model.generate(prompt=prompts, images=per_row, use_cache=False, **kw))
+    for row, (prompt, imgs) in enumerate(zip(prompts, per_row)):
+        tokens = cached[row]
+        assert len(set(tokens.tolist())) >= min_distinct, f"row {row}: degenerate output {tokens.tolist()}"
+        inputs = model.prepare_inputs(prompt, imgs, task=task)
+        ids = torch.cat([inputs["input_ids"], tokens[None, :-1]], 1)
+        with torch.no_grad():
+            for k in range(max_new_tokens):  # step k predicted token k from the prompt and tokens < k
+                n = inputs["input_ids"].shape[1] + k
+                full = model(ids[:, :n], torch.ones_like(ids[:, :n]), pixel_values=inputs["pixel_values"],
+                             task=task).logits[0, -1]
+                torch.testing.assert_close(steps[k][row], full, atol=tol, rtol=tol,
+                                           msg=lambda m, k=k: f"row {row}, step {k}: {m}")
+            other = model(ids, torch.ones_like(ids), pixel_values=model.pixel_values(images[2:3] * len(imgs), task),
+                          task=task).logits[0, -1]
+        assert (full - other).abs().max() > 1e-5, "the images do not change the output"
 
 
 def assert_gradients_only_in_workflow(model, task: str, other: str, images) -> None:
@@ -127,11 +171,14 @@ def assert_gradients_only_in_workflow(model, task: str, other: str, images) -> N
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), part
 
 
-def perturb(model, task: str, seed: int = 1, scale: float = 0.05) -> None:
-    """Give a workflow non-trivial weights (noise of std `scale`), so tests do not pass on an identity init."""
+def perturb(model, task: str, seed: int = 1, scale: float = 0.05, parts: list[str] | None = None) -> None:
+    """Give a workflow non-trivial weights (noise of std `scale`), so tests do not pass on an identity init;
+    `parts` limits it to those named parts of the workflow."""
     g = torch.Generator().manual_seed(seed)
+    named = model.workflow(task).parts()
+    params = [p for name in (parts if parts is not None else named) for p in named[name]]
     with torch.no_grad():
-        for p in model.trainable_parameters(task):
+        for p in params:
             p.add_(torch.randn(p.shape, generator=g) * scale)
 
 

@@ -17,7 +17,7 @@ from frozenvl.importers import import_idefics
 from frozenvl.tiny import build_tiny_idefics
 from frozenvl.vision.perceiver import PerceiverResampler
 
-from .conftest import assert_cache_matches_recompute, assert_gradients_only_in_workflow, perturb
+from .conftest import assert_gradients_only_in_workflow, perturb
 
 SMALL = {"resampler_depth": 1, "resampler_latents": 4, "resampler_heads": 2, "resampler_head_dim": 8}
 FAKE, IMAGE = 512, 513  # ids of IDEFICS' additional vocabulary in build_tiny_idefics
@@ -184,7 +184,7 @@ def test_infimm_rows_without_images_are_the_base(bases, images):
 def test_cached_generation_equals_recomputation(bases, images, style):
     model = _build(bases, style=style, gate_type="vector" if style == "idefics" else "float", qk_norm=True)
     perturb(model, "mm", scale=0.2)
-    assert_cache_matches_recompute(model, "mm", images)
+    # (per-step logits through the loop, both styles: tests/test_cache_equivalence.py)
     # a batch with 2, 1 and 0 images per row (mixed rows route per group; check the workflow itself)
     inputs = model.prepare_inputs(["<image> and <image> what", "<image> say", "no image here"],
                                   [images[:2], [images[2]], []], task="mm")

@@ -24,6 +24,7 @@ from .data.prompt import (
     tokenize_with_images,
 )
 from .families import get_family
+from .families.architectures import cache_kwarg
 from .families.base import IMAGE_TOKEN_ID, DecodeContext, Family
 from .vision.encoder import VisionTower
 from .vision.images import ImagePreprocessor
@@ -336,9 +337,9 @@ class FrozenVLModel(nn.Module):
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
                 logits_to_keep=logits_to_keep,
+                **{cache_kwarg(type(self.llm).forward): past_key_values},  # `cache` from transformers 5.24
             )
             logits = out.logits
         else:

@@ -10,8 +10,9 @@ builds them from scratch in a few seconds on a CPU:
   chat template whose assistant turns are wrapped in
   ``{% generation %}...{% endgeneration %}`` so that
   ``apply_chat_template(..., return_assistant_tokens_mask=True)`` works.
-* :func:`build_llm` builds a randomly initialised causal LM (Llama, Qwen2,
-  Qwen3 or Mistral) sized to the tokenizer.
+* :func:`build_llm` builds a randomly initialised causal LM (any of
+  ``LLM_ARCHS``: Llama, Qwen2/3, Mistral, Gemma, Gemma2, Gemma3 text, Phi3,
+  OLMo2) sized to the tokenizer.
 * :func:`build_vision` builds a randomly initialised CLIP, SigLIP, DINOv2 or
   DINOv2-with-registers vision tower plus a ``preprocessor_config.json`` like
   the real checkpoints'.
@@ -289,28 +290,94 @@ def build_tokenizer(
 # Language models
 # --------------------------------------------------------------------------
 
-LLM_ARCHS: tuple[str, ...] = ("llama", "qwen2", "qwen3", "mistral")
+def _llama(common: dict[str, Any], hd: int, custom_head_dim: bool):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**common, head_dim=hd, attention_bias=False, mlp_bias=False)
+
+
+def _qwen2(common: dict[str, Any], hd: int, custom_head_dim: bool):
+    from transformers import Qwen2Config
+
+    # Qwen2 always has q/k/v biases (hard-wired in Qwen2Attention).
+    cfg = Qwen2Config(**common, use_sliding_window=False, sliding_window=None)
+    if custom_head_dim:
+        cfg.head_dim = hd
+    return cfg
+
+
+def _qwen3(common: dict[str, Any], hd: int, custom_head_dim: bool):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(**common, head_dim=hd, attention_bias=False, use_sliding_window=False, sliding_window=None)
+
+
+def _mistral(common: dict[str, Any], hd: int, custom_head_dim: bool):
+    from transformers import MistralConfig
+
+    return MistralConfig(**common, head_dim=hd, sliding_window=None)
+
+
+def _gemma(common: dict[str, Any], hd: int, custom_head_dim: bool):
+    from transformers import GemmaConfig
+
+    return GemmaConfig(**common, head_dim=hd)
+
+
+# Gemma2/3 at tiny scale: a short sliding window and a low final softcap, so that both matter (at the
+# real 4096 / 30.0 a 10-token prompt never leaves the window and the cap changes logits by ~1e-4).
+_TINY_WINDOW, _TINY_SOFTCAP = 4, 1.0
+
+
+def _alternating(n: int) -> list[str]:
+    return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+
+
+def _gemma2(common: dict[str, Any], hd: int, custom_head_dim: bool):
+    from transformers import Gemma2Config
+
+    return Gemma2Config(
+        **common, head_dim=hd, query_pre_attn_scalar=hd, sliding_window=_TINY_WINDOW,
+        layer_types=_alternating(common["num_hidden_layers"]), final_logit_softcapping=_TINY_SOFTCAP,
+        attn_logit_softcapping=5.0,
+    )
+
+
+def _gemma3_text(common: dict[str, Any], hd: int, custom_head_dim: bool):
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(
+        **common, head_dim=hd, query_pre_attn_scalar=hd, sliding_window=_TINY_WINDOW,
+        layer_types=_alternating(common["num_hidden_layers"]), final_logit_softcapping=_TINY_SOFTCAP,
+    )
+
+
+def _phi3(common: dict[str, Any], hd: int, custom_head_dim: bool):
+    from transformers import Phi3Config
+
+    return Phi3Config(**common, sliding_window=None)
+
+
+def _olmo2(common: dict[str, Any], hd: int, custom_head_dim: bool):
+    from transformers import Olmo2Config
+
+    return Olmo2Config(**common)
+
+
+# One config builder per `arch` (= the HF model_type); eager attention where HF has no sdpa path.
+_LLM_CONFIGS = {
+    "llama": _llama, "qwen2": _qwen2, "qwen3": _qwen3, "mistral": _mistral, "gemma": _gemma,
+    "gemma2": _gemma2, "gemma3_text": _gemma3_text, "phi3": _phi3, "olmo2": _olmo2,
+}
+_EAGER_ONLY = {"gemma2"}  # softcapped attention logits: transformers has no sdpa path for them
+LLM_ARCHS: tuple[str, ...] = tuple(_LLM_CONFIGS)
 
 
 def _llm_config(arch: str, common: dict[str, Any], head_dim: int | None):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
-
+    if arch not in _LLM_CONFIGS:
+        raise ValueError(f"unknown LLM arch {arch!r}; valid: {list(LLM_ARCHS)}")
     hd = head_dim if head_dim is not None else common["hidden_size"] // common["num_attention_heads"]
-    if arch == "llama":
-        return LlamaConfig(**common, head_dim=hd, attention_bias=False, mlp_bias=False)
-    if arch == "qwen2":
-        # Qwen2 always has q/k/v biases (hard-wired in Qwen2Attention).
-        cfg = Qwen2Config(**common, use_sliding_window=False, sliding_window=None)
-        if head_dim is not None:
-            cfg.head_dim = hd
-        return cfg
-    if arch == "qwen3":
-        return Qwen3Config(
-            **common, head_dim=hd, attention_bias=False, use_sliding_window=False, sliding_window=None
-        )
-    if arch == "mistral":
-        return MistralConfig(**common, head_dim=hd, sliding_window=None)
-    raise ValueError(f"unknown LLM arch {arch!r}; valid: {list(LLM_ARCHS)}")
+    return _LLM_CONFIGS[arch](common, hd, head_dim is not None)
 
 
 def build_llm(
@@ -328,13 +395,16 @@ def build_llm(
     tie_word_embeddings: bool = False,
     seed: int = 0,
     attn_implementation: str = "sdpa",
+    initializer_range: float = 0.02,
 ) -> str:
     """Build a tiny randomly initialised causal LM and save it to ``out_dir``.
 
     The tokenizer from ``tokenizer_dir`` (or, if None, a fresh default
     ChatML tokenizer) is saved into ``out_dir`` too, so ``out_dir`` is a
     complete model directory for ``AutoModelForCausalLM`` and
-    ``AutoTokenizer``.  Returns ``str(out_dir)``.
+    ``AutoTokenizer``.  A larger ``initializer_range`` than HF's 0.02 gives
+    sharper attention (positions matter more, greedy output repeats less).
+    Returns ``str(out_dir)``.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -364,8 +434,11 @@ def build_llm(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
+        initializer_range=initializer_range,
     )
     config = _llm_config(arch, common, head_dim)
+    if arch in _EAGER_ONLY:
+        attn_implementation = "eager"
     config._attn_implementation = attn_implementation
 
     with torch.random.fork_rng(devices=[]):

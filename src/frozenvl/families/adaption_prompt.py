@@ -266,6 +266,7 @@ class _TunedAttention:
 class AdaptionPromptFamily(Family):
     name = "adaption_prompt"
     config_class = AdaptionPromptConfig
+    rewrites_block = True  # runs base.decoder_block / self_attention: Llama-block architectures only
     # Class level: a `visual: none` workflow (e.g. an imported PEFT adapter) runs without a vision
     # encoder. Each instance sets the truth for its own config in __init__.
     uses_images = False

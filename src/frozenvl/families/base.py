@@ -11,8 +11,8 @@ A family says only what differs from the base forward pass. The places it can ac
    layer runs as the HF layer itself);
 plus its own final norm / LM head / embedding table where it owns copies.
 
-The loop, mask and rotary preparation, and cache handling are written once (`decode`), for every
-Hugging Face decoder whose layers live at `model.model.layers` (Llama, Qwen2/3, Mistral, ...).
+The loop, mask and rotary preparation, and cache handling are written once (`decode`), for the
+Hugging Face decoders listed in `architectures.ARCHITECTURES` (others are refused at build time).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from ..config import ConfigError, WorkflowConfig
 from ..vision.connectors import build_connector
+from .architectures import cache_kwarg, check_architecture, takes_parameter
 
 # Placeholder id written into input_ids where vision tokens go (LLaVA's convention: a negative id
 # that never collides with the vocabulary, so the base tokenizer and embedding table stay untouched).
@@ -51,7 +52,8 @@ class LMParts:
     as its own submodule: the base's weights never end up in a workflow's state dict.
     """
 
-    def __init__(self, causal_lm: PreTrainedModel):
+    def __init__(self, causal_lm: PreTrainedModel, family: str = "prefix", rewrites_block: bool = False):
+        self.architecture = check_architecture(causal_lm.config, family, rewrites_block)
         inner = causal_lm.model
         for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
             if not hasattr(inner, attr):
@@ -68,6 +70,23 @@ class LMParts:
         self.lm_head: nn.Module = causal_lm.get_output_embeddings()
         self.layer_types = layer_types(self.config)
         self.num_layers = len(self.layers)
+        # Gemma2/3: the causal LM's forward caps the logits after the head; the family heads do it too.
+        self.final_logit_softcapping: float | None = getattr(self.config, "final_logit_softcapping", None)
+        # Gemma3: one rotary embedding per attention type (local and global rope bases).
+        self.rotary_per_type = takes_parameter(type(self.rotary_emb).forward, "layer_type")
+
+    def finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the causal LM's forward does to the head's output (the same ops in the same order)."""
+        cap = self.final_logit_softcapping
+        if cap is None:
+            return logits
+        return torch.tanh(logits / cap) * cap
+
+    def position_embeddings(self, h: torch.Tensor, position_ids: torch.Tensor, types: set[str]) -> dict[str, Any]:
+        """(cos, sin) per attention type, computed as the base model's forward computes them."""
+        if self.rotary_per_type:
+            return {t: self.rotary_emb(h, position_ids, t) for t in sorted(types)}
+        return dict.fromkeys(types, self.rotary_emb(h, position_ids))
 
 
 def check_layer_indices(layers: list[int], num_layers: int, what: str, *, allow_empty: bool = False) -> list[int]:
@@ -99,7 +118,7 @@ class DecodeContext:
     cache: DynamicCache | None
     image_mask: torch.Tensor | None = None  # [B, T] True at vision-token positions
     masks: dict[str, Any] = field(default_factory=dict)  # per attention type, built in `decode`
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    position_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # per attention type
     state: dict[str, Any] = field(default_factory=dict)  # family-private per-call state
 
     @property
@@ -113,6 +132,9 @@ class Family(nn.Module):
     name: ClassVar[str]
     config_class: ClassVar[type[WorkflowConfig]] = WorkflowConfig
     uses_images: ClassVar[bool] = True
+    # True for families whose layers run `decoder_block` / `self_attention` (the Llama block written
+    # out): only architectures whose block is exactly that can take them.
+    rewrites_block: ClassVar[bool] = False
 
     gradient_checkpointing: bool = False  # recompute each layer in backward (frozen base layers included)
     layers_before: frozenset[int] = frozenset()
@@ -122,16 +144,19 @@ class Family(nn.Module):
     def __init__(self, cfg: WorkflowConfig, llm: PreTrainedModel, vision_hidden: int | None):
         super().__init__()
         self.cfg = cfg
+        parts = dict(family=self.name, rewrites_block=self.rewrites_block)
         if cfg.llm_train == "frozen":
-            self.lm = LMParts(llm)
+            self.lm = LMParts(llm, **parts)
         elif cfg.llm_train == "full":
             # The LLaVA fine-tuned baseline: the workflow owns a full trainable copy of the LLM,
             # so `text` still runs the untouched original.
+            LMParts(llm, **parts)  # refuse an unsupported base before copying it
             self.own_llm = copy.deepcopy(llm).requires_grad_(True)
-            self.lm = LMParts(self.own_llm)
+            self.lm = LMParts(self.own_llm, **parts)
         else:  # lora
+            LMParts(llm, **parts)
             self.own_llm = _lora_copy(llm, cfg)
-            self.lm = LMParts(self.own_llm.base_model.model)
+            self.lm = LMParts(self.own_llm.base_model.model, **parts)
         self.connector = (
             build_connector(cfg.connector, vision_hidden, llm.config.hidden_size, dtype=llm.dtype)
             if (self.uses_images and vision_hidden is not None)
@@ -208,7 +233,7 @@ class Family(nn.Module):
         return self.lm.norm(h)
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm.lm_head(h)
+        return self.lm.finish_logits(self.lm.lm_head(h))
 
     def extra_cache_layer_types(self) -> list[str]:
         """Attention types of cache entries the family adds after the base layers' ones."""
@@ -225,19 +250,14 @@ class Family(nn.Module):
 
     def decode(self, h: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
         """Run all decoder layers (with the family's additions) and the final norm."""
-        mask_args = dict(
-            config=self.lm.config,
-            inputs_embeds=h,
-            attention_mask=ctx.attention_mask,
-            past_key_values=ctx.cache,
-            position_ids=ctx.position_ids,
-        )
+        mask_args = dict(config=self.lm.config, inputs_embeds=h, attention_mask=ctx.attention_mask,
+                         position_ids=ctx.position_ids)
         needed = set(self.lm.layer_types) | set(self.extra_cache_layer_types())
-        if "full_attention" in needed:
-            ctx.masks["full_attention"] = create_causal_mask(**mask_args)
-        if "sliding_attention" in needed:
-            ctx.masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_args)
-        ctx.position_embeddings = self.lm.rotary_emb(h, ctx.position_ids)
+        for kind, make_mask in (("full_attention", create_causal_mask),
+                                ("sliding_attention", create_sliding_window_causal_mask)):
+            if kind in needed:
+                ctx.masks[kind] = make_mask(**mask_args, **{cache_kwarg(make_mask): ctx.cache})
+        ctx.position_embeddings = self.lm.position_embeddings(h, ctx.position_ids, needed)
         # Checkpoint here rather than in HF's layers: those skip it in eval mode, where the frozen
         # base layers stay, yet their activations are what gradients to earlier adapters flow through.
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
@@ -261,14 +281,15 @@ class Family(nn.Module):
 
 
 def call_layer(layer: nn.Module, h: torch.Tensor, ctx: DecodeContext, attn_type: str) -> torch.Tensor:
-    """Call a HF decoder layer exactly as its own model's forward does."""
+    """Call a HF decoder layer exactly as its own model's forward does (the cache under the name the
+    installed transformers gives it)."""
     out = layer(
         h,
         attention_mask=ctx.masks[attn_type],
-        position_embeddings=ctx.position_embeddings,
+        position_embeddings=ctx.position_embeddings[attn_type],
         position_ids=ctx.position_ids,
-        past_key_values=ctx.cache,
         use_cache=ctx.use_cache,
+        **{cache_kwarg(type(layer).forward): ctx.cache},
     )
     return out[0] if isinstance(out, tuple) else out
 
@@ -293,7 +314,7 @@ def self_attention(
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     v = attn.v_proj(x).view(hidden_shape).transpose(1, 2)
-    cos, sin = ctx.position_embeddings
+    cos, sin = ctx.position_embeddings[attn_type]
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     if ctx.cache is not None:
         k, v = ctx.cache.update(k, v, attn.layer_idx)

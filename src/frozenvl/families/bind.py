@@ -202,6 +202,7 @@ class BindNetwork(nn.Module):
 class BindFamily(Family):
     name = "bind"
     config_class = BindConfig
+    rewrites_block = True  # runs base.decoder_block / self_attention: Llama-block architectures only
 
     def __init__(self, cfg: BindConfig, llm, vision_hidden: int | None):
         super().__init__(cfg, llm, vision_hidden)

@@ -294,8 +294,9 @@ class CrossAttentionFamily(Family):
         return torch.where(is_extra.unsqueeze(-1), F.embedding(which, self.token_embed).to(h.dtype), h)
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        base = self.lm.lm_head(h)
-        extra = F.linear(h, self.token_head.to(h.dtype))
+        # each part capped as the base caps its logits (Gemma2/3), before padding with the dtype's minimum
+        base = self.lm.finish_logits(self.lm.lm_head(h))
+        extra = self.lm.finish_logits(F.linear(h, self.token_head.to(h.dtype)))
         if self._appended:  # ids right after the base vocabulary (IDEFICS' additional vocabulary)
             return torch.cat([base, extra], dim=-1)
         # Ids inside the base vocabulary range (a tokenizer shorter than the embedding table) take the

@@ -85,7 +85,7 @@ class InnerAdaptorFamily(Family):
         return self.norm_copy(h)
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head_copy(h)
+        return self.lm.finish_logits(self.head_copy(h))
 
     def extra_cache_layer_types(self) -> list[str]:
         return [self.lm.layer_types[i] for i in self.cfg.layers]

@@ -29,7 +29,8 @@ def _pair(value: object, what: str) -> tuple[int, int]:
 
 def count_prefix_tokens(model: PreTrainedModel) -> tuple[int, int]:
     """(CLS tokens, register tokens) the encoder puts before its patch tokens, from config and embeddings."""
-    embeddings = getattr(model, "embeddings", None)
+    # transformers < 5.24 keeps CLIPVisionModel's embeddings one level down, at vision_model.embeddings
+    embeddings = getattr(getattr(model, "vision_model", model), "embeddings", getattr(model, "embeddings", None))
     n_cls = 1 if any(isinstance(getattr(embeddings, a, None), torch.Tensor) for a in _CLS_ATTRS) else 0
     n_reg = int(getattr(model.config, "num_register_tokens", 0) or 0)
     return n_cls, n_reg
