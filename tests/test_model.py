@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import frozenvl
 from frozenvl.config import ConfigError
-from frozenvl.families.base import IMAGE_TOKEN_ID
+from frozenvl.constants import IMAGE_TOKEN_ID
 from frozenvl.families.inner_adaptor import IAA14_LAYERS_32, default_insertion_layers
 
 from .conftest import LLM_ARCHS, perturb
