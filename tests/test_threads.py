@@ -54,7 +54,7 @@ def model(bases):
     llm, vis = bases()
     m = frozenvl.build(llm, vis, workflows=WORKFLOWS)
     for k, task in enumerate(WORKFLOWS):
-        perturb(m, task, seed=k + 1, scale=0.3)
+        perturb(m, task, seed=k + 1)
     return m
 
 
