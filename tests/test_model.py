@@ -11,7 +11,7 @@ import torch
 
 import frozenvl
 from frozenvl.config import ConfigError
-from frozenvl.families.base import IMAGE_TOKEN_ID
+from frozenvl.constants import IMAGE_TOKEN_ID
 from frozenvl.families.inner_adaptor import IAA14_LAYERS_32, default_insertion_layers
 
 from .conftest import perturb
@@ -293,3 +293,34 @@ def test_image_free_requests_fall_back_to_the_base(bases, images):
     # the LLaVA full fine-tune baseline has no fallback by default: one model for everything
     full = _build(bases, full={"family": "prefix", "llm_train": "full"})
     assert full.workflows["full"].cfg.text_fallback is False
+
+
+# --------------------------------------------------------------------------- structure
+def test_light_modules_import_without_transformers_or_families():
+    """frozenvl.data.prompt and frozenvl.constants load neither transformers nor any family module."""
+    import subprocess
+    import sys
+
+    code = ("import sys, frozenvl.data.prompt, frozenvl.constants; "
+            "heavy = sorted(m for m in sys.modules if m.startswith(('frozenvl.families', 'frozenvl.model', "
+            "'transformers'))); print(heavy); sys.exit(1 if heavy else 0)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert frozenvl.constants.IMAGE_TOKEN_ID == IMAGE_TOKEN_ID == -200
+
+
+def test_the_one_loss_mean_and_sum():
+    from frozenvl.losses import causal_lm_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 11, generator=g, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 6), generator=g)
+    labels[0, :3] = -100
+    n = int((labels[:, 1:] != -100).sum())
+    mean, total = causal_lm_loss(logits, labels), causal_lm_loss(logits, labels, reduction="sum")
+    torch.testing.assert_close(total / n, mean)
+    manual = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1),
+                                               ignore_index=-100)
+    assert torch.equal(mean, manual) and mean > 0
+    nothing = causal_lm_loss(logits, torch.full_like(labels, -100))
+    assert nothing.item() == 0.0 and nothing.requires_grad  # no NaN, the graph is kept

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..families.base import IMAGE_TOKEN_ID
+from ..constants import IMAGE_TOKEN_ID
 from .prompt import IMAGE_PLACEHOLDER
 
 __all__ = [

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..families.base import IMAGE_TOKEN_ID
+from ..constants import IMAGE_TOKEN_ID
 from ..vision.images import ImageError, ImagePreprocessor
 from .chat import (
     IGNORE_INDEX,

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..families.base import IMAGE_TOKEN_ID
+from ..constants import IMAGE_TOKEN_ID
 
 IMAGE_PLACEHOLDER = "<image>"
 

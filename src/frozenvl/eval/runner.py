@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..data.prompt import IMAGE_PLACEHOLDER, count_placeholders
+from ..generation import eos_token_ids
 from ..vision.images import ImageError, load_image
 from .metrics import _gt_box, bleu, cider_d_scores, exact_match, grounding_scores, vqa_accuracy
 
@@ -224,13 +225,7 @@ def _cut_at_eos(row: list[int], eos: set[int]) -> list[int]:
 
 
 def _eos_ids(model: "FrozenVLModel") -> set[int]:
-    gen_cfg = getattr(model.llm, "generation_config", None)
-    eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
-    if eos is None:
-        eos = model.tokenizer.eos_token_id
-    if eos is None:
-        return set()
-    return {eos} if isinstance(eos, int) else set(eos)
+    return set(eos_token_ids(model))
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -31,9 +31,7 @@ from ..config import ConfigError, WorkflowConfig
 from ..vision.connectors import build_connector
 from .architectures import cache_kwarg, check_architecture, takes_parameter
 
-# Placeholder id written into input_ids where vision tokens go (LLaVA's convention: a negative id
-# that never collides with the vocabulary, so the base tokenizer and embedding table stay untouched).
-IMAGE_TOKEN_ID = -200
+from ..constants import IMAGE_TOKEN_ID
 
 
 def layer_types(config) -> list[str]:

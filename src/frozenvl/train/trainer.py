@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..config import ConfigError
+from ..losses import causal_lm_loss
 from ..model import FrozenVLModel
 from . import checkpoint as ckpt
 from .config import StageConfig, TrainConfig
@@ -274,11 +274,7 @@ class Trainer:
                         image_rows=batch.get("image_rows"),
                         task=self.task,
                     )
-                    logits = out.logits[:, :-1].float()
-                    labels = batch["labels"][:, 1:].to(device)
-                    loss = F.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
-                    )
+                    loss = causal_lm_loss(out.logits, batch["labels"], reduction="sum")
                     loss_sum += loss.detach()
                     if not loss.requires_grad:
                         # Only text rows and only the connector trained (prefix): nothing trained took part.
