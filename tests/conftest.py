@@ -112,17 +112,25 @@ CACHE_PROMPTS = (("<image>\nwhat is this", 1), ("<image> and <image> differ how"
 
 def capture_step_logits(model):
     """Context manager: the last-position logits [B, V] of every forward pass `model` runs (e.g. each
-    step of generation.py's loop), recorded by a hook on the model itself (the loop is not touched)."""
+    step of generation.py's loop), recorded around `FrozenVLModel._step`, which the prefill (through
+    `forward`) and every decode step call; the loop itself is not touched."""
     import contextlib
 
     @contextlib.contextmanager
     def ctx():
         steps: list[torch.Tensor] = []
-        handle = model.register_forward_hook(lambda mod, args, out: steps.append(out.logits[:, -1].detach().clone()))
+        inner = model._step
+
+        def recording(*args, **kwargs):
+            out = inner(*args, **kwargs)
+            steps.append(out.logits[:, -1].detach().clone())
+            return out
+
+        model._step = recording
         try:
             yield steps
         finally:
-            handle.remove()
+            del model._step
 
     return ctx()
 
