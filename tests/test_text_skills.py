@@ -15,7 +15,6 @@ from frozenvl.eval import (  # noqa: E402
     MCItem,
     chat_agreement,
     default_chat_prompts,
-    fallback_off,
     format_report,
     load_arc_easy,
     load_benchmark,
@@ -232,14 +231,18 @@ def test_scoring_errors(bench_root, model):
 # --------------------------------------------------------------------------- chat agreement
 
 
-def test_fallback_off_is_restored(model):
+def test_text_fallback_is_a_per_call_override(model):
+    """Turning the fallback off for one call routes that call through the workflow's own path and
+    writes nothing on the shared config (another thread's call is unaffected)."""
+    ids = torch.tensor([[1, 2]])
     assert model.workflow("iaa").cfg.text_fallback
-    with pytest.raises(RuntimeError), fallback_off(model, ["iaa", "text"]):
-        assert model.workflow("iaa").cfg.text_fallback is False
-        assert model.route("iaa", torch.tensor([[1, 2]]), None) == "iaa"
-        raise RuntimeError
+    assert model.route("iaa", ids, None) == "text"
+    assert model.route("iaa", ids, None, text_fallback=False) == "iaa"
+    assert model.route("text", ids, None, text_fallback=True) == "text"
     assert model.workflow("iaa").cfg.text_fallback is True
-    assert model.route("iaa", torch.tensor([[1, 2]]), None) == "text"
+    prompt = {"prompt": "hello there", "task": "iaa", "max_new_tokens": 5}
+    assert torch.equal(model.generate(**prompt), model.generate(prompt="hello there", task="text", max_new_tokens=5))
+    assert not torch.equal(model.generate(**prompt, text_fallback=False), model.generate(**prompt))
 
 
 def test_default_chat_prompts():
@@ -248,11 +251,12 @@ def test_default_chat_prompts():
     assert all(p.strip() == p and p and not p.startswith("#") for p in prompts)
 
 
-def _answer(model, task: str, prompt: str) -> str:
+def _answer(model, task: str, prompt: str, text_fallback: bool | None = None) -> str:
     """One prompt alone, as evaluate renders it (a chat user turn), greedy."""
     text = model.render_chat([{"role": "user", "content": prompt}])
     inputs = model.prepare_inputs([text], task=task, add_special_tokens=False)
-    new = model.generate(inputs["input_ids"], inputs["attention_mask"], task=task, max_new_tokens=6)
+    new = model.generate(inputs["input_ids"], inputs["attention_mask"], task=task, max_new_tokens=6,
+                         text_fallback=text_fallback)
     row = new[0].tolist()
     eos = model.tokenizer.eos_token_id
     row = row[: row.index(eos)] if eos in row else row
@@ -269,8 +273,7 @@ def test_chat_agreement_counts_what_it_should(bases):
     res = chat_agreement(m, ["iaa"], prompts, max_new_tokens=6, batch_size=3, progress=False)
     assert res["n_prompts"] == 6
     base = [_answer(m, "text", p) for p in prompts]
-    with fallback_off(m, ["iaa"]):
-        own = [_answer(m, "iaa", p) for p in prompts]
+    own = [_answer(m, "iaa", p, text_fallback=False) for p in prompts]
     assert len(set(base)) > 3  # answers are not one degenerate string
     expected = [i for i, (a, b) in enumerate(zip(base, own)) if a != b]
     assert 0 < len(expected) < len(prompts), "the constructed case must mix agreeing and differing prompts"
@@ -279,7 +282,7 @@ def test_chat_agreement_counts_what_it_should(bases):
     assert got["own_path"]["agreement"] == (6 - len(expected)) / 6
     assert got["own_path"]["n_same"] == 6 - len(expected)
     assert got["deployed"] == {"agreement": 1.0, "n_same": 6, "differing": []}
-    assert m.workflow("iaa").cfg.text_fallback  # restored
+    assert m.workflow("iaa").cfg.text_fallback  # untouched: the own path is a per-call override
     with pytest.raises(ValueError, match="non-empty strings; not so at index \\[1\\]"):
         chat_agreement(m, ["iaa"], ["ok", " "])
 

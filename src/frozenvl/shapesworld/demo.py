@@ -25,7 +25,6 @@ import statistics
 import sys
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -228,8 +227,7 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, seeds
                     bleu.setdefault(run.name, []).append(metrics["caption_bleu4"])
             got["text"], _ = _eval(model, text_items, run.name, "text", eval_kw)  # as deployed
             if model.workflow(run.name).cfg.text_fallback:
-                with _own_path(model, run.name):
-                    got["text_own"], _ = _eval(model, text_items, run.name, "text", eval_kw)
+                got["text_own"], _ = _eval(model, text_items, run.name, "text", {**eval_kw, "text_fallback": False})
             else:  # the deployed path is the workflow's own path already
                 got["text_own"] = got["text"]
     timings["eval"] = time.time() - t
@@ -300,18 +298,6 @@ def _eval(model, items, task: str, kind: str, kw: dict[str, Any]) -> tuple[list[
     new_tokens = {"vqa": 8, "text": 16}.get(kind, 40)
     rep = evaluate(model, items, task=task, max_new_tokens=new_tokens, **kw)
     return sorted(rep.predictions, key=lambda p: p["id"]), rep.metrics
-
-
-@contextmanager
-def _own_path(model, name: str):
-    """Workflow `name` with text_fallback off: image-free prompts go through its own path."""
-    cfg = model.workflow(name).cfg
-    before = cfg.text_fallback
-    cfg.text_fallback = False
-    try:
-        yield
-    finally:
-        cfg.text_fallback = before
 
 
 def _save_predictions(out: str, preds: dict[int, dict[str, dict[str, list[dict[str, Any]]]]],
