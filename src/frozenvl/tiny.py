@@ -459,49 +459,20 @@ VISION_ARCHS: tuple[str, ...] = ("clip", "siglip", "dinov2", "dinov2_registers")
 
 
 def _preprocessor_config(arch: str, image_size: int) -> dict[str, Any]:
+    """preprocessor_config.json as the real checkpoints of `arch` ship it, at `image_size`."""
+    common = {"do_normalize": True, "do_rescale": True, "do_resize": True, "resample": 3, "rescale_factor": 1 / 255}
+    crop = {"crop_size": {"height": image_size, "width": image_size}, "do_center_crop": True, "do_convert_rgb": True}
     if arch.startswith("dinov2"):
         # BitImageProcessor, as facebook/dinov2-*: resize the shortest edge to 8/7 of the crop
         # (256 for 224), then centre-crop; ImageNet mean/std.
-        return {
-            "crop_size": {"height": image_size, "width": image_size},
-            "do_center_crop": True,
-            "do_convert_rgb": True,
-            "do_normalize": True,
-            "do_rescale": True,
-            "do_resize": True,
-            "image_mean": [0.485, 0.456, 0.406],
-            "image_processor_type": "BitImageProcessor",
-            "image_std": [0.229, 0.224, 0.225],
-            "resample": 3,
-            "rescale_factor": 1 / 255,
-            "size": {"shortest_edge": image_size * 8 // 7},
-        }
+        return {**common, **crop, "image_processor_type": "BitImageProcessor", "image_mean": [0.485, 0.456, 0.406],
+                "image_std": [0.229, 0.224, 0.225], "size": {"shortest_edge": image_size * 8 // 7}}
     if arch == "clip":
-        return {
-            "crop_size": {"height": image_size, "width": image_size},
-            "do_center_crop": True,
-            "do_convert_rgb": True,
-            "do_normalize": True,
-            "do_rescale": True,
-            "do_resize": True,
-            "image_mean": [0.48145466, 0.4578275, 0.40821073],
-            "image_processor_type": "CLIPImageProcessor",
-            "image_std": [0.26862954, 0.26130258, 0.27577711],
-            "resample": 3,
-            "rescale_factor": 1 / 255,
-            "size": {"shortest_edge": image_size},
-        }
-    return {
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_processor_type": "SiglipImageProcessor",
-        "image_std": [0.5, 0.5, 0.5],
-        "resample": 3,
-        "rescale_factor": 1 / 255,
-        "size": {"height": image_size, "width": image_size},
-    }
+        return {**common, **crop, "image_processor_type": "CLIPImageProcessor",
+                "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+                "size": {"shortest_edge": image_size}}
+    return {**common, "image_processor_type": "SiglipImageProcessor", "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5], "size": {"height": image_size, "width": image_size}}
 
 
 def build_vision(
