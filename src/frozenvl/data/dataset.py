@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from ..constants import IMAGE_TOKEN_ID
+from ..inputs import rows_from_counts
 from ..vision.images import ImageError, ImagePreprocessor
 from .chat import (
     IGNORE_INDEX,
@@ -437,13 +438,13 @@ def collate(batch: Sequence[dict[str, Any] | None], pad_token_id: int) -> dict[s
         attention_mask[row, :n] = 1
     pixels = [b["pixel_values"] for b in items if b.get("pixel_values") is not None]
     # the batch row of each image (families that keep images out of the sequence need it)
-    rows = [row for row, b in enumerate(items) if b.get("pixel_values") is not None for _ in b["pixel_values"]]
+    counts = [0 if b.get("pixel_values") is None else len(b["pixel_values"]) for b in items]
     return {
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
         "pixel_values": torch.cat(pixels, dim=0) if pixels else None,
-        "image_rows": torch.tensor(rows, dtype=torch.long) if pixels else None,
+        "image_rows": rows_from_counts(counts) if pixels else None,
     }
 
 
