@@ -163,7 +163,8 @@ def _standalone_llama(config, state: dict[str, torch.Tensor], dtype: torch.dtype
         hidden_act=config.hidden_act,
         max_position_embeddings=config.max_position_embeddings,
         rms_norm_eps=config.rms_norm_eps,
-        rope_parameters=dict(config.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}),
+        # older 5.x IdeficsConfig (5.5) has no rope_parameters: its Llama uses the default rope
+        rope_parameters=dict(getattr(config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": 10000.0}),
         tie_word_embeddings=False,
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
