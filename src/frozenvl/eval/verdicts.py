@@ -131,10 +131,6 @@ class Estimate:
     def n_seeds(self) -> int:
         return len(self.per_seed)
 
-    @property
-    def half_width(self) -> float | None:
-        return None if self.low is None or self.high is None else (self.high - self.low) / 2
-
     def contains(self, value: float) -> bool:
         return self.low is not None and self.high is not None and self.low <= value <= self.high
 
