@@ -143,15 +143,18 @@ def _layer_norm_eps(graph, consts, consumers) -> float:
 
 
 def _num_heads(graph, consts, consumers, hidden: int) -> int:
-    """Heads of the first attention, from the shape a projection is reshaped to before it:
-    [batch, seq, heads, head_dim] (transformers 4.x) or [batch, seq, -1, head_dim] (5.x)."""
+    """Heads of the first attention, from the shape a projection is reshaped to before it. The
+    exporter writes the dynamic dims as graph values and the rest as constants, which end in
+    head_dim: [batch, seq, heads, head_dim] (transformers 4.x), [batch, seq, -1, head_dim] (5.24)
+    or [batch, -1, heads, head_dim] (5.5)."""
     for node in graph.node:
         if node.op_type == "Concat" and any(c.op_type == "Reshape" for c in consumers.get(node.output[0], [])):
             values = [int(consts[i].item()) for i in node.input if i in consts and consts[i].size == 1]
-            if len(values) != 2 or not 0 < values[1] < hidden or hidden % values[1]:
+            if len(values) not in (2, 3) or not 0 < values[-1] < hidden or hidden % values[-1]:
                 continue
-            if values[0] == -1 or values[0] * values[1] == hidden:
-                return hidden // values[1]
+            heads = hidden // values[-1]
+            if values[-2] in (-1, heads) and (len(values) == 2 or values[0] == -1):
+                return heads
     raise OnnxConversionError("found no attention reshape [batch, seq, heads, head_dim] to read the head count from")
 
 
