@@ -102,3 +102,28 @@ def test_one_training_step_on_the_unmarked_template_then_generate_save_load(real
         assert torch.equal(again(**inputs, task="mm").logits, logits)
     out = loaded.generate(**inputs, task="mm", max_new_tokens=6)
     assert out.shape[-1] >= 1
+
+
+def test_demo_real_track_end_to_end(real, tmp_path):
+    """`frozenvl demo --bases real` at a micro scale: SmolLM2 + DINOv2 train, and the real text
+    skills (ARC-Easy, PIQA, chat agreement) are measured per workflow, own path and deployed."""
+    from dataclasses import replace
+
+    from frozenvl.shapesworld.demo import REAL_QUICK, run_demo
+
+    scale = replace(REAL_QUICK, n_train_images=8, n_eval_images=2, align_steps=1, tune_steps=1, batch_size=2,
+                    n_chat_prompts=3, n_bench_items=3, eval_batch=8)
+    res = run_demo(str(tmp_path / "demo"), scale=scale, bases="real", only=["prefix"], chat=False, progress=False)
+    assert res["bases"] == "real" and res["scale"] == "custom"
+    run, base = res["runs"]["prefix"], res["runs"]["text"]["metrics"]
+    assert run["base_unchanged"] and run["trainable_params"] > 0
+    m = run["metrics"]
+    # deployed: image-free requests go to the base, so the benchmark items score exactly as the base's
+    for bench in ("arc_easy", "piqa"):
+        assert m[f"{bench}_acc"]["mean"] == base[f"{bench}_acc"]["mean"]
+        assert f"{bench}_acc_own" in m and m[f"{bench}_acc"]["n_items"] == 3
+    assert m["text_same_as_base"]["mean"] == 1.0 and "text_same_as_base_own" in m
+    assert "text_acc" not in m  # the chat prompts have no gold answer
+    assert {"vqa_acc", "grounding_acc50", "caption_cider"} <= set(m)
+    claims = [f["claim"] for f in res["findings"]]
+    assert any("learns to see" in c for c in claims) and any("keeps the base's text" in c for c in claims)

