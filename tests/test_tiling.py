@@ -141,3 +141,170 @@ def test_unpad_equals_llava_next(image_hw):
     grid = tiles.view(2, 3, side, side, dim).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)
     ref = unpad_image(grid, image_hw).flatten(1, 2).transpose(0, 1)
     assert torch.equal(got, ref) and lay.num_tokens(side * side) == len(got)
+
+
+# ------------------------------------------------------------------------------------ in a model
+from tests.conftest import assert_cache_matches_recompute, capture_step_logits, perturb  # noqa: E402
+
+import frozenvl  # noqa: E402
+from frozenvl.model import FrozenVLModel  # noqa: E402
+
+TILED = {
+    "dyn": {"family": "prefix", "connector": "pixel_shuffle", "tiling": "dynamic", "max_tiles": 6},
+    "sph": {"family": "prefix", "tiling": "anyres", "unpad": False, "skip_token": True, "image_newline": True,
+            "grid_pinpoints": [[96, 96], [32, 64], [64, 32]]},
+    "nxt": {"family": "prefix", "tiling": "anyres", "image_newline": True, "max_tiles": 4},
+}
+
+
+@pytest.fixture(scope="module")
+def tiled_model(tmp_path_factory):
+    from frozenvl.tiny import build_tiny_bases
+
+    torch.manual_seed(0)
+    llm, vis = build_tiny_bases(tmp_path_factory.mktemp("tiled"))
+    model = FrozenVLModel.build(llm, vis, workflows=TILED, attn_implementation="eager").eval()
+    for task in TILED:
+        perturb(model, task)
+    return model
+
+
+def _wide(w=300, h=20, colour=(30, 60, 200)):
+    img = Image.new("RGB", (w, h), colour)
+    for x in range(0, w, 7):
+        img.putpixel((x, h // 2), (255, 255, 0))
+    return img
+
+
+def test_slots_follow_each_images_tiles(tiled_model, images):
+    for task in TILED:
+        pv = tiled_model.pixel_values([images[0], images[1], _wide()], task)
+        counts = tiled_model.image_token_counts(task, pv)
+        assert len(set(counts)) > 1, (task, counts)  # per image, not one number
+        assert max(pv.counts) > 2, (task, pv.counts)  # several tiles
+        batch = tiled_model.prepare_inputs(["<image> a", "<image> b <image>"], [[images[0]], [images[1], _wide()]],
+                                           task=task)
+        slots = (batch["input_ids"] == -200).sum(-1).tolist()
+        assert slots == [counts[0], counts[1] + counts[2]]
+        with torch.no_grad():
+            out = tiled_model(**batch, task=task)
+        assert out.logits.shape[:2] == batch["input_ids"].shape
+        # rows read off the slots when not given
+        rows = tiled_model._image_rows(batch["input_ids"], 3, task, None, batch["pixel_values"])
+        assert rows.tolist() == [0, 1, 1]
+
+
+@pytest.mark.parametrize("task,size", [("dyn", (40, 90)), ("sph", (200, 25)), ("nxt", (40, 90))])
+def test_cached_generation_equals_recompute_with_tiles(tiled_model, task, size):
+    # the helper swaps each row's images for the third one: all of one size, so the same slots
+    same_size = [_image(*size, seed=k) for k in range(3)]
+    layout = tiled_model.pixel_values(same_size[:1], task).layouts[0]
+    assert layout.num_tiles > 2 and (task != "sph" or sum(layout.skipped) == 6)  # several tiles; skip tokens in sph
+    assert_cache_matches_recompute(tiled_model, task, same_size)
+
+
+def test_text_stays_bit_identical(tiled_model):
+    ids = tiled_model.tokenizer(["the cat sat on the mat"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = tiled_model.llm(input_ids=ids).logits
+        got = tiled_model(ids, task="text").logits
+    assert torch.equal(ref, got)
+    kw = dict(max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(tiled_model.generate(ids, task="text", **kw),
+                       tiled_model.generate(ids, task="dyn", **kw))  # image-free: the base answers
+
+
+def test_padding_tile_is_not_encoded_and_becomes_the_skip_token(tiled_model):
+    calls: list[int] = []
+    inner = tiled_model.vision.forward
+
+    def counting(pixel_values, *args, **kwargs):
+        calls.append(pixel_values.shape[0])
+        return inner(pixel_values, *args, **kwargs)
+
+    tiled_model.encoded_images.clear()  # earlier tests encoded this strip already
+    pv = tiled_model.pixel_values([_wide()], "sph")
+    layout = pv.layouts[0]
+    assert layout.grid == (3, 3) and sum(layout.skipped) == 6  # only the middle row holds the strip
+    tiled_model.vision.forward = counting
+    try:
+        with torch.no_grad():
+            embeds = tiled_model._image_embeds("sph", pv)[0]
+    finally:
+        del tiled_model.vision.forward
+    assert calls == [1 + 3]  # the global view and the 3 tiles with pixels, nothing else
+    connector = tiled_model.workflow("sph").connector
+    per_tile = tiled_model.tokens_per_image("sph")
+    assert embeds.shape[0] == layout.num_tokens(per_tile) == per_tile + 3 * 1 + 1 + 3 * per_tile + 1 + 3 * 1 + 1
+    first_row = embeds[per_tile : per_tile + 4]  # after the global view: 3 skip tokens and a newline
+    assert torch.equal(first_row[:3], connector.skip_token.expand(3, -1))
+    assert torch.equal(first_row[3], connector.image_newline)
+    assert not torch.equal(embeds[per_tile + 4], connector.skip_token)  # the middle row is real
+
+
+def test_encoded_image_cache_keyed_per_tile_set(tiled_model, images):
+    calls: list[int] = []
+    inner = tiled_model.vision.forward
+
+    def counting(pixel_values, *args, **kwargs):
+        calls.append(pixel_values.shape[0])
+        return inner(pixel_values, *args, **kwargs)
+
+    tiled_model.encoded_images.clear()
+    tiled_model.vision.forward = counting
+    try:
+        a = tiled_model.pixel_values([images[1]], "dyn")
+        b = tiled_model.pixel_values([images[1], _wide()], "dyn")
+        with torch.no_grad():
+            first = tiled_model._image_embeds("dyn", a)
+            both = tiled_model._image_embeds("dyn", b)  # images[1] again: only the strip is encoded
+    finally:
+        del tiled_model.vision.forward
+    assert calls == [a.counts[0], b.counts[1]]
+    assert torch.equal(both[0, : first.shape[1]], first[0])
+
+
+def test_token_budget_errors(tiled_model, images):
+    big = _wide(600, 20)
+    model = tiled_model
+    cfg = model.workflow("dyn").cfg
+    cfg.max_image_tokens = 10
+    try:
+        with pytest.raises(ValueError, match=r"max_image_tokens=10.*lower max_tiles"):
+            model.prepare_inputs("<image> x", [big], task="dyn")
+    finally:
+        cfg.max_image_tokens = None
+    limit = model.llm.config.max_position_embeddings
+    n = -(-limit // model.image_token_counts("dyn", model.pixel_values([big], "dyn"))[0]) + 1
+    with pytest.raises(ValueError, match=r"images take \d+ tokens .*max_position_embeddings"):
+        model.prepare_inputs(" ".join(["<image>"] * n), [big] * n, task="dyn")
+
+
+def test_config_errors():
+    from frozenvl.config import ConfigError, parse_workflow
+
+    with pytest.raises(ConfigError, match="tiling 'tiles'"):
+        parse_workflow("w", {"family": "prefix", "tiling": "tiles"})
+    with pytest.raises(ConfigError, match="need tiling: anyres"):
+        parse_workflow("w", {"family": "prefix", "tiling": "dynamic", "skip_token": True, "unpad": False})
+    with pytest.raises(ConfigError, match="unpad: false"):
+        parse_workflow("w", {"family": "prefix", "tiling": "anyres", "skip_token": True})
+    with pytest.raises(ConfigError, match="min_tiles"):
+        parse_workflow("w", {"family": "prefix", "tiling": "dynamic", "max_tiles": 0})
+
+
+def test_tiling_refused_for_families_without_the_splice(bases):
+    llm, vis = bases()
+    with pytest.raises(ValueError, match="tiling needs a family that splices"):
+        FrozenVLModel.build(llm, vis, workflows={"c": {"family": "cross_attention", "tiling": "dynamic"}})
+
+
+def test_newline_and_skip_tokens_save_and_load(tiled_model, tmp_path, images):
+    tiled_model.save_pretrained(tmp_path, tasks=["sph"])
+    loaded = frozenvl.load(tmp_path, attn_implementation="eager")
+    for name in ("image_newline", "skip_token"):
+        assert torch.equal(getattr(loaded.workflow("sph").connector, name),
+                           getattr(tiled_model.workflow("sph").connector, name))
+    batch = tiled_model.prepare_inputs("<image> a", [_wide()], task="sph")
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch, task="sph").logits, tiled_model(**batch, task="sph").logits)
