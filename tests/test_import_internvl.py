@@ -127,3 +127,16 @@ def test_unsupported_variants_raise(tmp_path):
     with pytest.raises(NotImplementedError, match="'full'"):
         import_internvl_hf(tmp_path / "f", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_import(pair, tmp_path):
+    from typer.testing import CliRunner
+
+    from frozenvl.cli import app
+
+    src = os.path.join(os.path.dirname(pair[-1]), "src")
+    result = CliRunner().invoke(app, ["import", "internvl-hf", src, str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "wrote frozenvl model" in result.output and (tmp_path / "out" / "frozenvl.json").is_file()
+    bad = CliRunner().invoke(app, ["import", "internvl-hf", str(tmp_path / "missing"), str(tmp_path / "o2")])
+    assert bad.exit_code == 2 and "not a directory" in bad.output

@@ -140,3 +140,16 @@ def test_not_llava_next_raises(tmp_path):
     with pytest.raises(ValueError, match=r"model_type 'llama'"):
         import_llava_next_hf(tmp_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_import(pair, tmp_path):
+    from typer.testing import CliRunner
+
+    from frozenvl.cli import app
+
+    src = os.path.join(os.path.dirname(pair[-1]), "src")
+    result = CliRunner().invoke(app, ["import", "llava-next-hf", src, str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "wrote frozenvl model" in result.output and (tmp_path / "out" / "frozenvl.json").is_file()
+    bad = CliRunner().invoke(app, ["import", "llava-next-hf", str(tmp_path / "missing"), str(tmp_path / "o2")])
+    assert bad.exit_code == 2 and "not a directory" in bad.output
