@@ -138,13 +138,20 @@ class ModelConfig:
     """What `frozenvl.json` holds: the base models by id/path and the workflows."""
 
     llm: str
-    vision: str | None = None
+    vision: str | list[str | dict[str, Any]] | None = None  # a list: mixed encoders (vision/mixed.py)
     workflows: dict[str, WorkflowConfig] = field(default_factory=dict)
     dtype: str | None = None  # e.g. "bfloat16"; None keeps the checkpoint's own dtype
     attn_implementation: str | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        if self.vision is not None and not isinstance(self.vision, str):
+            from .vision.mixed import parse_vision
+
+            try:
+                parse_vision(self.vision)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         self.workflows = {name: parse_workflow(name, wf) for name, wf in self.workflows.items()}
 
     def to_dict(self) -> dict[str, Any]:

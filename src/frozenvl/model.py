@@ -27,6 +27,7 @@ from .losses import causal_lm_loss
 from .vision.connectors import add_layout_embeddings, layout_embeddings
 from .vision.encoder import VisionTower
 from .vision.images import ImagePreprocessor
+from .vision.mixed import MixedVisionTower, build_vision, map_paths, primary_path
 from .vision.tiling import TiledPixels, TiledPreprocessor, arrange_tokens
 
 
@@ -60,7 +61,7 @@ class FrozenVLModel(nn.Module):
         config: ModelConfig,
         llm: PreTrainedModel,
         tokenizer,
-        vision: VisionTower | None,
+        vision: VisionTower | MixedVisionTower | None,
     ):
         super().__init__()
         self.config = config
@@ -84,7 +85,7 @@ class FrozenVLModel(nn.Module):
     def build(
         cls,
         llm: str,
-        vision: str | None = None,
+        vision: str | list[str | dict[str, Any]] | None = None,
         workflows: dict[str, dict[str, Any] | WorkflowConfig] | None = None,
         *,
         dtype: str | torch.dtype | None = None,
@@ -94,7 +95,7 @@ class FrozenVLModel(nn.Module):
         dt = _dtype(dtype)
         config = ModelConfig(
             llm=_resolve(llm),
-            vision=_resolve(vision),
+            vision=map_paths(vision, _resolve),
             workflows=dict(workflows or {}),
             dtype=str(dt).removeprefix("torch.") if dt is not None else None,
             attn_implementation=attn_implementation,
@@ -109,11 +110,7 @@ class FrozenVLModel(nn.Module):
             kwargs["attn_implementation"] = attn_implementation
         base = AutoModelForCausalLM.from_pretrained(config.llm, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(config.llm)
-        tower = (
-            VisionTower.from_pretrained(config.vision, dtype=dt, attn_implementation=attn_implementation)
-            if config.vision
-            else None
-        )
+        tower = build_vision(config.vision, dt, attn_implementation) if config.vision else None
         model = cls(config, base, tokenizer, tower)
         return model.to(device) if device is not None else model
 
@@ -190,7 +187,7 @@ class FrozenVLModel(nn.Module):
         with self._preprocessors_lock:  # built once per mode, also when threads ask at the same time
             if mode not in self._preprocessors:
                 self._preprocessors[mode] = ImagePreprocessor.from_pretrained(
-                    self.config.vision, vision_config=self.vision.config, mode=mode
+                    primary_path(self.config.vision), vision_config=self.vision.config, mode=mode
                 )
             base = self._preprocessors[mode]
         if cfg.tiling is None:
