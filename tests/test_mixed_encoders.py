@@ -118,3 +118,17 @@ def test_keep_cls_refused(encoders):
     with pytest.raises(ValueError, match="keep_cls: false"):
         with torch.no_grad():
             model(**model.prepare_inputs("<image> x", [_scenes(1)[0][0]], task="mm"), task="mm")
+
+
+def test_mixed_encoders_with_tiles(encoders):
+    llm, clip, dino, _ = encoders
+    model = FrozenVLModel.build(llm, [clip, dino], workflows={
+        "t": {"family": "prefix", "connector": "pixel_shuffle", "tiling": "dynamic", "max_tiles": 4}})
+    img = _scenes(1)[0][0].resize((120, 40))
+    batch = model.prepare_inputs("<image> x", [img], task="t")
+    pv = batch["pixel_values"]
+    assert pv.counts == [4] and model.image_token_counts("t", pv) == [4 * 4]  # 3 tiles + thumbnail, 4 tokens each
+    with torch.no_grad():
+        feats = model.vision(pv.tiles)
+        logits = model(**batch, task="t").logits
+    assert feats.shape == (4, 16, 56) and torch.isfinite(logits).all()
