@@ -308,3 +308,14 @@ def test_newline_and_skip_tokens_save_and_load(tiled_model, tmp_path, images):
     batch = tiled_model.prepare_inputs("<image> a", [_wide()], task="sph")
     with torch.no_grad():
         assert torch.equal(loaded(**batch, task="sph").logits, tiled_model(**batch, task="sph").logits)
+
+
+def test_ready_tensor_is_single_views(tiled_model, images):
+    pixels = tiled_model.preprocessor("dyn").base(images[:2])  # [2, 3, 32, 32]: one view each
+    batch = tiled_model.prepare_inputs("<image> <image> x", pixels, task="dyn")
+    assert int((batch["input_ids"] == -200).sum()) == 2 * tiled_model.tokens_per_image("dyn")
+    with torch.no_grad():
+        got = tiled_model(**batch, task="dyn").logits
+        flat = tiled_model.workflow("dyn").encode_images(tiled_model.vision(pixels))
+        ref = tiled_model._step(batch["input_ids"], batch["attention_mask"], "dyn", image_embeds=flat).logits
+    assert torch.equal(got, ref)
