@@ -132,3 +132,11 @@ def test_mixed_encoders_with_tiles(encoders):
         feats = model.vision(pv.tiles)
         logits = model(**batch, task="t").logits
     assert feats.shape == (4, 16, 56) and torch.isfinite(logits).all()
+
+
+def test_a_single_pathlike_vision_is_one_encoder(encoders):
+    from pathlib import Path
+
+    llm, clip, _, _ = encoders
+    model = FrozenVLModel.build(Path(llm), Path(clip), workflows={"mm": {"family": "prefix"}})
+    assert isinstance(model.vision, VisionTower) and model.config.vision == clip

@@ -145,9 +145,9 @@ class ModelConfig:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if self.vision is not None and not isinstance(self.vision, str):
-            from .vision.mixed import parse_vision
+        from .vision.mixed import is_single, parse_vision
 
+        if self.vision is not None and not is_single(self.vision):
             try:
                 parse_vision(self.vision)
             except ValueError as e:

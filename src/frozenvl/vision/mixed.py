@@ -12,6 +12,7 @@ finer, bilinear interpolation when coarser.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,16 +49,21 @@ def parse_vision(spec: Any) -> list[EncoderEntry]:
     return entries
 
 
+def is_single(spec: Any) -> bool:
+    """`vision` names one encoder (a path or hub id, str or os.PathLike), not a list of them."""
+    return isinstance(spec, (str, os.PathLike))
+
+
 def map_paths(spec: Any, fn: Callable[[str], str | None]) -> Any:
     """`spec` (a path, None, or a mixed-encoder list) with `fn` applied to every path in it."""
-    if spec is None or isinstance(spec, str):
+    if spec is None or is_single(spec):
         return fn(spec) if spec is not None else None
     return [fn(item) if isinstance(item, str) else {**item, "path": fn(item["path"])} for item in spec]
 
 
 def primary_path(spec: Any) -> str | None:
     """The path whose preprocessing the images get: the vision path, or the first mixed entry's."""
-    if spec is None or isinstance(spec, str):
+    if spec is None or is_single(spec):
         return spec
     return parse_vision(spec)[0].path
 
@@ -144,7 +150,7 @@ class MixedVisionTower(nn.Module):
 def build_vision(spec: Any, dtype: torch.dtype | None = None, attn_implementation: str | None = None
                  ) -> VisionTower | MixedVisionTower:
     """The vision side a `vision` config names: one VisionTower for a path, a MixedVisionTower for a list."""
-    if isinstance(spec, str):
+    if is_single(spec):
         return VisionTower.from_pretrained(spec, dtype=dtype, attn_implementation=attn_implementation)
     entries = parse_vision(spec)
     loaded: dict[str, VisionTower] = {}
