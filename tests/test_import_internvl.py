@@ -61,7 +61,7 @@ def _inputs(config, ours, proc, sizes, seed):
     imgs = [_image(w, h, seed + k) for k, (w, h) in enumerate(sizes)]
     ref = proc(imgs, return_tensors="pt")
     g = torch.Generator().manual_seed(seed)
-    parts, ours_parts = [], []
+    parts = []
     for n_tiles in ref["num_patches"].tolist():
         words = torch.randint(1, config.image_token_id, (4,), generator=g)
         parts += [words, torch.full((n_tiles * TOKENS_PER_TILE,), config.image_token_id)]

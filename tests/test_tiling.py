@@ -16,6 +16,8 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_next.modeling_llava_next import unpad_image
 
+import frozenvl
+from frozenvl.model import FrozenVLModel
 from frozenvl.vision.images import ImagePreprocessor
 from frozenvl.vision.tiling import (
     TiledPreprocessor,
@@ -27,6 +29,8 @@ from frozenvl.vision.tiling import (
     select_best_resolution,
     select_tile_grid,
 )
+
+from .conftest import assert_cache_matches_recompute, perturb
 
 TILE = 28
 # (width, height): squares, common photo ratios, near-ties and extreme strips both ways
@@ -144,10 +148,6 @@ def test_unpad_equals_llava_next(image_hw):
 
 
 # ------------------------------------------------------------------------------------ in a model
-from tests.conftest import assert_cache_matches_recompute, capture_step_logits, perturb  # noqa: E402
-
-import frozenvl  # noqa: E402
-from frozenvl.model import FrozenVLModel  # noqa: E402
 
 TILED = {
     "dyn": {"family": "prefix", "connector": "pixel_shuffle", "tiling": "dynamic", "max_tiles": 6},
