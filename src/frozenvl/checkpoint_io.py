@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
+from .vision.mixed import map_paths
 
 if TYPE_CHECKING:
     from .families.base import Family
@@ -32,14 +33,16 @@ def save_model(model: "FrozenVLModel", directory: str | os.PathLike, tasks: Sequ
     cfg = ModelConfig.from_dict(model.config.to_dict())
     cfg.workflows = {n: cfg.workflows[n] for n in names}
     # Base models stored inside the model dir are recorded relative to it, so the dir can move.
-    cfg.llm, cfg.vision = relative_to(cfg.llm, directory), relative_to(cfg.vision, directory)
+    cfg.llm = relative_to(cfg.llm, directory)
+    cfg.vision = map_paths(cfg.vision, lambda p: relative_to(p, directory))  # one path, or each mixed encoder's
     cfg.save(directory)
 
 
 def load_config(directory: str | os.PathLike) -> ModelConfig:
     """frozenvl.json of `directory`, with base paths recorded relative to it made absolute again."""
     cfg = ModelConfig.load(directory)
-    cfg.llm, cfg.vision = inside(cfg.llm, directory), inside(cfg.vision, directory)
+    cfg.llm = inside(cfg.llm, directory)
+    cfg.vision = map_paths(cfg.vision, lambda p: inside(p, directory))
     return cfg
 
 

@@ -3,6 +3,8 @@
     frozenvl info MODEL_DIR [--json]
     frozenvl chat MODEL_DIR [--task NAME] [--image PATH ...] [--prompt TEXT] ...
     frozenvl import llava-hf SRC OUT [--workflow mm]
+    frozenvl import internvl-hf SRC OUT [--workflow mm]
+    frozenvl import llava-next-hf SRC OUT [--workflow mm]
     frozenvl import idefics SRC OUT [--workflow mm] [--tokenizer DIR]
     frozenvl import peft-adaption-prompt ADAPTER BASE OUT [--vision DIR]
     frozenvl train CONFIG.yaml [--resume]
@@ -454,6 +456,33 @@ def import_llava_hf(
         _fail(f"cannot import {src}: {_one_line(e)}")
     written = result if isinstance(result, (str, os.PathLike)) else out
     _out().print(f"wrote frozenvl model (workflow [bold]{workflow}[/bold]) to {written}", soft_wrap=True)
+
+
+def _tiled_importer(command: str, function: str, what: str) -> None:
+    """`frozenvl import <command>`: a transformers checkpoint as a tiled prefix workflow (importers/<module>)."""
+
+    def run(src: str, out: Path, workflow: str = "mm") -> None:
+        fn = _importer(f"frozenvl.importers.{function.removeprefix('import_').removesuffix('_hf')}", function)
+        _quiet_transformers()
+        try:
+            result = fn(src, out, workflow=workflow)
+        except USER_ERRORS as e:
+            _fail(f"cannot import {src}: {_one_line(e)}")
+        _out().print(f"wrote frozenvl model (workflow [bold]{workflow}[/bold]) to {result}", soft_wrap=True)
+
+    run.__doc__ = f"Import an {what} checkpoint as a prefix workflow with tiling."
+    # real objects, not strings: the help text depends on `what`, which string annotations cannot see
+    run.__annotations__ = {
+        "src": Annotated[str, typer.Argument(help=f"A local {what} checkpoint directory.", show_default=False)],
+        "out": Annotated[Path, typer.Argument(help="Where to write the frozenvl model directory.", show_default=False)],
+        "workflow": Annotated[str, typer.Option(help="Name of the workflow the checkpoint becomes.")],
+        "return": None,
+    }
+    import_app.command(command)(run)
+
+
+_tiled_importer("internvl-hf", "import_internvl_hf", "InternVL (InternVLForConditionalGeneration)")
+_tiled_importer("llava-next-hf", "import_llava_next_hf", "LLaVA-NeXT (LlavaNextForConditionalGeneration)")
 
 
 @import_app.command("idefics")

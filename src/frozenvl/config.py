@@ -56,6 +56,18 @@ class WorkflowConfig:
     # A generate/chat request without any image runs the untouched base (the `text` workflow), so a
     # frozen-LLM workflow never changes text-only answers. None: on when llm_train is "frozen".
     text_fallback: bool | None = None
+    # High resolution (vision/tiling.py, docs/vision.md): None (one encoder-sized view per image) |
+    # "dynamic" (InternVL: up to max_tiles tiles + a thumbnail) | "anyres" (LLaVA-NeXT: a global view +
+    # the tiles of the best of grid_pinpoints). Only for families that splice image tokens into the sequence.
+    tiling: str | None = None
+    max_tiles: int = 12
+    min_tiles: int = 1
+    use_thumbnail: bool = True  # dynamic: the whole image as one more tile, after the others
+    grid_pinpoints: list[list[int]] | None = None  # anyres: (height, width) canvases; None: every grid <= max_tiles
+    unpad: bool = True  # anyres: LLaVA-NeXT's spatial unpadding of the joined tile-token map
+    image_newline: bool = False  # anyres: a learned token after each row (of the token map, or of tiles)
+    skip_token: bool = False  # anyres without unpad: an all-padding tile is not encoded but one learned token
+    max_image_tokens: int | None = None  # refuse an image that would take more placeholder slots
 
     def validate(self) -> None:
         if self.image_mode not in IMAGE_MODES:
@@ -67,6 +79,7 @@ class WorkflowConfig:
         if self.text_fallback is None:
             self.text_fallback = self.llm_train == "frozen"
 
+        self._validate_tiling()
         try:
             check_connector_name(self.connector)
         except ValueError as e:
@@ -76,6 +89,27 @@ class WorkflowConfig:
                 f"connector {self.connector!r} merges patch tokens, but {self.family} "
                 f"{_NO_TOKEN_GRID_CONNECTOR[self.family]}: use linear or mlpNx_gelu"
             )
+
+    def _validate_tiling(self) -> None:
+        from .vision.tiling import TILING_MODES
+
+        if self.tiling is not None and self.tiling not in TILING_MODES:
+            raise ConfigError(f"tiling {self.tiling!r} is not one of {[None, *TILING_MODES]}")
+        if not 1 <= self.min_tiles <= self.max_tiles:
+            raise ConfigError(f"need 1 <= min_tiles <= max_tiles, got min_tiles={self.min_tiles}, max_tiles={self.max_tiles}")
+        if self.max_image_tokens is not None and self.max_image_tokens < 1:
+            raise ConfigError(f"max_image_tokens must be a positive int or null, got {self.max_image_tokens}")
+        anyres_only = [k for k in ("image_newline", "skip_token") if getattr(self, k)]
+        if self.grid_pinpoints is not None:
+            anyres_only.append("grid_pinpoints")
+        if anyres_only and self.tiling != "anyres":
+            raise ConfigError(f"{', '.join(anyres_only)} need tiling: anyres (tiling is {self.tiling!r})")
+        if self.skip_token and self.unpad:
+            raise ConfigError("skip_token and unpad both drop padding: set unpad: false to use skip tokens")
+        if self.grid_pinpoints is not None and (
+            not self.grid_pinpoints or any(not isinstance(p, (list, tuple)) or len(p) != 2 for p in self.grid_pinpoints)
+        ):
+            raise ConfigError(f"grid_pinpoints must be a non-empty list of [height, width], got {self.grid_pinpoints!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -104,13 +138,20 @@ class ModelConfig:
     """What `frozenvl.json` holds: the base models by id/path and the workflows."""
 
     llm: str
-    vision: str | None = None
+    vision: str | list[str | dict[str, Any]] | None = None  # a list: mixed encoders (vision/mixed.py)
     workflows: dict[str, WorkflowConfig] = field(default_factory=dict)
     dtype: str | None = None  # e.g. "bfloat16"; None keeps the checkpoint's own dtype
     attn_implementation: str | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        from .vision.mixed import is_single, parse_vision
+
+        if self.vision is not None and not is_single(self.vision):
+            try:
+                parse_vision(self.vision)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         self.workflows = {name: parse_workflow(name, wf) for name, wf in self.workflows.items()}
 
     def to_dict(self) -> dict[str, Any]:

@@ -207,7 +207,7 @@ def _decode_loop(
     image_embeds = None
     if task != TEXT_TASK and pixel_values is not None:
         image_embeds = model._image_embeds(task, pixel_values.to(device))
-        image_rows = model._image_rows(input_ids, image_embeds.shape[0], task, image_rows)
+        image_rows = model._image_rows(input_ids, len(pixel_values), task, image_rows, pixel_values)
     out = model(input_ids, mask, task=task, image_embeds=image_embeds, position_ids=position_ids_from_mask(mask),
                 use_cache=cfg.use_cache, logits_to_keep=1, image_rows=image_rows)
     cache = out.past_key_values

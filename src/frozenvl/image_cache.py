@@ -6,9 +6,12 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+
+from .vision.tiling import TiledPixels
 
 
 class EncodedImageCache:
@@ -41,15 +44,19 @@ class EncodedImageCache:
         self,
         task: str,
         modules: Sequence[nn.Module],
-        pixel_values: torch.Tensor,
-        encode: Callable[[torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor:
+        pixel_values: torch.Tensor | TiledPixels,
+        encode: Callable[[Any], Any],
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """`encode(pixel_values)`, from the store where possible. Tiled images (one entry per image, keyed by
+        its tile set and layout) come back as a list of per-image tensors; a pixel tensor as one tensor."""
+        tiled = isinstance(pixel_values, TiledPixels)
         params = [p for m in modules for p in m.parameters()]
         if self.size <= 0 or any(p.is_inference() for p in params):
             return encode(pixel_values)  # inference tensors keep no version counter: changes would go unseen
         # storage address + in-place version of every weight: moving, casting or updating any is a miss
         version = tuple((p.data_ptr(), p._version) for p in params)
-        keys = [(task, version, _digest(px)) for px in pixel_values]
+        digests = pixel_values.digests() if tiled else [_digest(px) for px in pixel_values]
+        keys = [(task, version, d) for d in digests]
         with self._lock:
             found = {k: self._store[k] for k in keys if k in self._store}
             for k in found:
@@ -57,14 +64,15 @@ class EncodedImageCache:
         first = {k: i for i, k in reversed(list(enumerate(keys)))}  # an image given twice is encoded once
         missing = [i for k, i in first.items() if k not in found]
         if missing:
-            fresh = encode(pixel_values[missing])
+            fresh = encode(pixel_values.select(missing) if tiled else pixel_values[missing])
             with self._lock:
                 for j, i in enumerate(missing):
                     found[keys[i]] = self._store[keys[i]] = fresh[j]
                     self._store.move_to_end(keys[i])
                 while len(self._store) > max(self.size, 0):
                     self._store.popitem(last=False)
-        return torch.stack([found[k] for k in keys])
+        out = [found[k] for k in keys]
+        return out if tiled else torch.stack(out)
 
 
 def _digest(pixels: torch.Tensor) -> str:

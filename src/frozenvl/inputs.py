@@ -11,10 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import itertools
+
 import torch
 
 from .constants import IMAGE_TOKEN_ID, TEXT_TASK
 from .data.prompt import count_placeholders, left_pad, tokenize_with_images
+from .vision.tiling import TiledPixels
 
 if TYPE_CHECKING:
     from .model import FrozenVLModel
@@ -69,10 +72,12 @@ def rows_from_counts(counts: Sequence[int] | torch.Tensor, device: torch.device 
 
 
 def resolve_image_rows(
-    input_ids: torch.Tensor, n_images: int, tokens_per_image: int, task: str, given: torch.Tensor | None
+    input_ids: torch.Tensor, n_images: int, tokens_per_image: int | Sequence[int], task: str,
+    given: torch.Tensor | None,
 ) -> torch.Tensor | None:
     """Each image's batch row: `given` (checked), else read off the vision-token slots (None when those
-    do not add up: the splice reports the mismatch with its own message), else an error."""
+    do not add up: the splice reports the mismatch with its own message), else an error.
+    `tokens_per_image` is one count for every image, or one per image (tiled images)."""
     batch = input_ids.shape[0]
     if given is not None:
         given = torch.as_tensor(given, device=input_ids.device, dtype=torch.long)
@@ -81,6 +86,8 @@ def resolve_image_rows(
         return given
     if batch == 1:
         return torch.zeros(n_images, dtype=torch.long, device=input_ids.device)
+    if not isinstance(tokens_per_image, int):
+        return _rows_from_slots((input_ids == IMAGE_TOKEN_ID).sum(-1).tolist(), list(tokens_per_image), input_ids.device)
     if tokens_per_image:
         per_row = (input_ids == IMAGE_TOKEN_ID).sum(-1) // tokens_per_image
         return rows_from_counts(per_row) if int(per_row.sum()) == n_images else None
@@ -89,6 +96,20 @@ def resolve_image_rows(
         f"each of the {n_images} images belongs to is unknown: pass image_rows (prepare_inputs and the "
         "data collator return it), or images as one list per prompt"
     )
+
+
+def _rows_from_slots(slots: list[int], counts: list[int], device: torch.device) -> torch.Tensor | None:
+    """Images of `counts` slots each, in order, over rows holding `slots` slots: each image's row (None
+    when they do not add up)."""
+    rows, k = [], 0
+    for row, left in enumerate(slots):
+        while left > 0 and k < len(counts):
+            left -= counts[k]
+            rows.append(row)
+            k += 1
+        if left != 0:
+            return None
+    return torch.tensor(rows, dtype=torch.long, device=device) if k == len(counts) else None
 
 
 # ------------------------------------------------------------------ lengths
@@ -106,6 +127,17 @@ def check_length(llm_config: Any, width: int, new_tokens: int = 0) -> None:
     raise ValueError(f"sequence of {width} tokens (images included) exceeds the LLM's max_position_embeddings={limit}")
 
 
+def check_image_tokens(llm_config: Any, per_prompt: Sequence[Sequence[int]]) -> None:
+    """A ValueError naming the image token counts when one prompt's images alone exceed the context."""
+    limit = getattr(llm_config, "max_position_embeddings", None)
+    for i, counts in enumerate(per_prompt):
+        if limit is not None and sum(counts) > limit:
+            raise ValueError(
+                f"prompt {i}: its images take {sum(counts)} tokens ({' + '.join(map(str, counts))}), over the LLM's "
+                f"max_position_embeddings={limit}: lower max_tiles (or use fewer images)"
+            )
+
+
 # ------------------------------------------------------------------ whole requests
 def images_in(
     model: "FrozenVLModel", images: Any, n_rows: int, task: str
@@ -116,7 +148,7 @@ def images_in(
         return None, None
     if task == TEXT_TASK:
         raise ValueError(NO_IMAGES_FOR_TEXT)
-    if isinstance(images, torch.Tensor):
+    if isinstance(images, (torch.Tensor, TiledPixels)):
         return images, None
     if n_rows > 1 and is_per_sample(images, n_rows):
         per_sample = per_sample_images(images, n_rows)
@@ -141,13 +173,13 @@ def prepare_inputs(
     single = isinstance(prompts, str)
     prompts = [prompts] if single else list(prompts)
     placeholders = [count_placeholders(p) for p in prompts]
-    if isinstance(images, torch.Tensor):
+    if isinstance(images, (torch.Tensor, TiledPixels)):
         # ready pixel_values: the prompts' placeholders say which row each image belongs to
         if task == TEXT_TASK:
             raise ValueError(NO_IMAGES_FOR_TEXT)
-        if images.shape[0] != sum(placeholders):
+        if len(images) != sum(placeholders):
             raise ValueError(
-                f"pixel_values hold {images.shape[0]} image(s) but the prompt(s) have {sum(placeholders)} <image> "
+                f"pixel_values hold {len(images)} image(s) but the prompt(s) have {sum(placeholders)} <image> "
                 f"placeholder(s) (per prompt: {placeholders})"
             )
         counts, flat = placeholders, None
@@ -161,11 +193,18 @@ def prepare_inputs(
             raise ValueError(f"prompt {i}: the 'text' workflow takes no images or <image> placeholders")
         if n_ph != n_img:
             raise ValueError(f"prompt {i} has {n_ph} <image> placeholder(s) but {n_img} image(s) were given")
-    n_tok = model.tokens_per_image(task)
+    pixel_values = images if flat is None else (model.pixel_values(flat, task) if flat else None)
+    n_tok = model.image_token_counts(task, pixel_values) if task != TEXT_TASK else 0
+    if not isinstance(n_tok, int):  # tiled images: each its own count, sliced per prompt
+        starts = [0, *itertools.accumulate(counts)]
+        n_tok = [n_tok[a:b] for a, b in zip(starts, starts[1:])]
+        check_image_tokens(model.llm.config, n_tok)
+    else:
+        n_tok = [n_tok] * len(prompts)
     with model._tokenizer_lock:  # the Rust tokenizer's settings are shared state (see docs: thread safety)
-        seqs = [tokenize_with_images(model.tokenizer, p, n_tok, add_special_tokens=add_special_tokens) for p in prompts]
+        seqs = [tokenize_with_images(model.tokenizer, p, n, add_special_tokens=add_special_tokens)
+                for p, n in zip(prompts, n_tok)]
     input_ids, attention_mask = left_pad(seqs, model.tokenizer.pad_token_id)
     check_length(model.llm.config, input_ids.shape[1])
-    pixel_values = images if flat is None else (model.pixel_values(flat, task) if flat else None)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
             "image_rows": rows_from_counts(counts) if pixel_values is not None else None}

@@ -24,8 +24,11 @@ from .families.base import DecodeContext, Family
 from .image_cache import EncodedImageCache
 from .inputs import NO_IMAGES_FOR_TEXT
 from .losses import causal_lm_loss
+from .vision.connectors import add_layout_embeddings, layout_embeddings
 from .vision.encoder import VisionTower
 from .vision.images import ImagePreprocessor
+from .vision.mixed import MixedVisionTower, build_vision, map_paths, primary_path
+from .vision.tiling import TiledPixels, TiledPreprocessor, arrange_tokens
 
 
 @dataclass
@@ -58,7 +61,7 @@ class FrozenVLModel(nn.Module):
         config: ModelConfig,
         llm: PreTrainedModel,
         tokenizer,
-        vision: VisionTower | None,
+        vision: VisionTower | MixedVisionTower | None,
     ):
         super().__init__()
         self.config = config
@@ -82,7 +85,7 @@ class FrozenVLModel(nn.Module):
     def build(
         cls,
         llm: str,
-        vision: str | None = None,
+        vision: str | list[str | dict[str, Any]] | None = None,
         workflows: dict[str, dict[str, Any] | WorkflowConfig] | None = None,
         *,
         dtype: str | torch.dtype | None = None,
@@ -92,7 +95,7 @@ class FrozenVLModel(nn.Module):
         dt = _dtype(dtype)
         config = ModelConfig(
             llm=_resolve(llm),
-            vision=_resolve(vision),
+            vision=map_paths(vision, _resolve),
             workflows=dict(workflows or {}),
             dtype=str(dt).removeprefix("torch.") if dt is not None else None,
             attn_implementation=attn_implementation,
@@ -107,11 +110,7 @@ class FrozenVLModel(nn.Module):
             kwargs["attn_implementation"] = attn_implementation
         base = AutoModelForCausalLM.from_pretrained(config.llm, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(config.llm)
-        tower = (
-            VisionTower.from_pretrained(config.vision, dtype=dt, attn_implementation=attn_implementation)
-            if config.vision
-            else None
-        )
+        tower = build_vision(config.vision, dt, attn_implementation) if config.vision else None
         model = cls(config, base, tokenizer, tower)
         return model.to(device) if device is not None else model
 
@@ -121,6 +120,13 @@ class FrozenVLModel(nn.Module):
         if family_cls.uses_images and self.vision is None:
             raise ValueError(f"workflow {name!r} ({wf.family}) takes images but the model has no vision encoder")
         module = family_cls(wf, self.llm, vision_hidden).to(self.llm.device)
+        if wf.tiling is not None:
+            if type(module).embed is not Family.embed or module.connector is None:
+                raise ValueError(
+                    f"workflow {name!r}: tiling needs a family that splices image tokens into the sequence "
+                    f"(prefix, inner_adaptor, ...); {wf.family} does not"
+                )
+            add_layout_embeddings(module.connector, wf.image_newline, wf.skip_token)
         if module.extra_tokens():
             module.set_token_ids(self._add_tokens(module.extra_tokens()))
         self.workflows[name] = module
@@ -175,30 +181,55 @@ class FrozenVLModel(nn.Module):
         return [p for ps in self.workflow(task).parts().values() for p in ps]
 
     # ------------------------------------------------------------------ images
-    def preprocessor(self, task: str) -> ImagePreprocessor:
-        mode = self.workflow(task).cfg.image_mode
+    def preprocessor(self, task: str) -> ImagePreprocessor | TiledPreprocessor:
+        cfg = self.workflow(task).cfg
+        mode = cfg.image_mode
         with self._preprocessors_lock:  # built once per mode, also when threads ask at the same time
             if mode not in self._preprocessors:
                 self._preprocessors[mode] = ImagePreprocessor.from_pretrained(
-                    self.config.vision, vision_config=self.vision.config, mode=mode
+                    primary_path(self.config.vision), vision_config=self.vision.config, mode=mode
                 )
-            return self._preprocessors[mode]
+            base = self._preprocessors[mode]
+        if cfg.tiling is None:
+            return base
+        return TiledPreprocessor(base, cfg.tiling, cfg.max_tiles, cfg.min_tiles, cfg.use_thumbnail, cfg.grid_pinpoints,
+                                 skip_padding=cfg.skip_token, newline=cfg.image_newline, unpad=cfg.unpad)
 
     def tokens_per_image(self, task: str) -> int:
+        """Placeholder slots of one image (of one tile, for a tiled workflow: see `image_token_counts`)."""
         if task == TEXT_TASK or self.vision is None:
             return 0
         family = self.workflow(task)
         return family.image_tokens_per_image(self.vision.num_tokens(family.cfg.keep_cls))
+
+    def image_token_counts(self, task: str, pixel_values: Any) -> int | list[int]:
+        """Placeholder slots per image: one number for every image, or one per image for tiled images
+        (their tile layouts decide); checked against the workflow's `max_image_tokens`."""
+        per_tile = self.tokens_per_image(task)
+        if not isinstance(pixel_values, TiledPixels):
+            return per_tile
+        counts = [layout.num_tokens(per_tile) for layout in pixel_values.layouts]
+        limit = self.workflow(task).cfg.max_image_tokens
+        if limit is not None and counts and max(counts) > limit:
+            k = max(range(len(counts)), key=counts.__getitem__)
+            raise ValueError(
+                f"image {k} takes {counts[k]} tokens ({pixel_values.layouts[k].num_tiles} tiles of {per_tile}), over "
+                f"max_image_tokens={limit} of workflow {task!r}: lower max_tiles or raise max_image_tokens"
+            )
+        return counts
 
     def pixel_values(self, images: Any, task: str) -> torch.Tensor | None:
         """PIL images / paths / bytes / [3, H, W] tensors (flat or one list per sample), or a ready
         [N, 3, H, W] tensor -> pixel_values."""
         if images is None:
             return None
-        if isinstance(images, torch.Tensor):
+        if isinstance(images, (torch.Tensor, TiledPixels)):
             return images
         flat = inputs.flatten_images(images)
-        return inputs.to_pixel_values(flat, self.preprocessor(task)) if flat else None
+        if not flat:
+            return None
+        pre = self.preprocessor(task)
+        return pre(flat) if isinstance(pre, TiledPreprocessor) else inputs.to_pixel_values(flat, pre)
 
     def _image_embeds(self, task: str, pixel_values: torch.Tensor | None) -> torch.Tensor | None:
         if pixel_values is None:
@@ -206,6 +237,8 @@ class FrozenVLModel(nn.Module):
         family = self.workflow(task)
         if not family.uses_images:
             raise ValueError(f"workflow {task!r} ({family.cfg.family}) takes no images")
+        if isinstance(pixel_values, TiledPixels):
+            return self._tiled_embeds(task, family, pixel_values)
 
         frames = pixel_values.shape[1] if pixel_values.dim() == 5 else None  # [n, frames, 3, H, W]: videos
         if frames is not None and frames > family.max_frames():
@@ -226,6 +259,22 @@ class FrozenVLModel(nn.Module):
         if torch.is_grad_enabled() or pixel_values.shape[0] == 0:
             return encode(pixel_values)
         return self.encoded_images.get(task, (self.vision, family), pixel_values, encode)
+
+    def _tiled_embeds(self, task: str, family: Family, pixel_values: TiledPixels) -> torch.Tensor:
+        """Every tiled image's tokens, concatenated in order: [1, total tokens, hidden]. Each image is one
+        entry of the encoded-image cache (keyed by its tile set); only its non-skipped tiles are encoded."""
+        if family.cfg.tiling is None:
+            raise ValueError(f"workflow {task!r} has no tiling option but was given tiled images")
+        newline, skip = layout_embeddings(family.connector)
+
+        def encode(tiled: TiledPixels) -> list[torch.Tensor]:
+            feats = self.vision(tiled.tiles, select_layer=family.cfg.select_layer, keep_cls=family.cfg.keep_cls)
+            tokens = family.encode_images(feats).split(tiled.counts)
+            return [arrange_tokens(lay, t, newline, skip) for lay, t in zip(tiled.layouts, tokens)]
+
+        per_image = encode(pixel_values) if torch.is_grad_enabled() else self.encoded_images.get(
+            task, (self.vision, family), pixel_values, encode)
+        return torch.cat(per_image)[None]
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -265,8 +314,10 @@ class FrozenVLModel(nn.Module):
                 image_embeds = self._image_embeds(task, pixel_values)
             if image_embeds is None and (input_ids == IMAGE_TOKEN_ID).any():
                 raise ValueError("input_ids hold image placeholders but no images were given")
-            if image_embeds is not None:
-                image_rows = self._image_rows(input_ids, image_embeds.shape[0], task, image_rows)
+            # (tiled embeds given directly hold every image in one row: their rows are the caller's)
+            if image_embeds is not None and (pixel_values is not None or self.workflow(task).cfg.tiling is None):
+                n_images = len(pixel_values) if pixel_values is not None else image_embeds.shape[0]
+                image_rows = self._image_rows(input_ids, n_images, task, image_rows, pixel_values)
         out = self._step(input_ids, attention_mask, task, past_key_values, position_ids, use_cache, logits_to_keep,
                          image_embeds, image_rows)
         if labels is not None:
@@ -304,7 +355,10 @@ class FrozenVLModel(nn.Module):
             ).logits
         else:
             family = self.workflow(task)
-            h = family.embed(input_ids, image_embeds)
+            if family.cfg.tiling is not None and image_embeds is not None:
+                h = _splice(family.embed(input_ids, None), input_ids, image_embeds)  # per-image token counts
+            else:
+                h = family.embed(input_ids, image_embeds)
             ctx = DecodeContext(
                 attention_mask=attention_mask,
                 position_ids=position_ids.to(self.device),
@@ -331,9 +385,10 @@ class FrozenVLModel(nn.Module):
             )
 
     def _image_rows(
-        self, input_ids: torch.Tensor, n_images: int, task: str, given: torch.Tensor | None
+        self, input_ids: torch.Tensor, n_images: int, task: str, given: torch.Tensor | None, pixel_values: Any = None
     ) -> torch.Tensor | None:
-        return inputs.resolve_image_rows(input_ids, n_images, self.tokens_per_image(task), task, given)
+        counts = self.image_token_counts(task, pixel_values) if task != TEXT_TASK else 0
+        return inputs.resolve_image_rows(input_ids, n_images, counts, task, given)
 
     def new_cache(self, task: str) -> DynamicCache:
         if task == TEXT_TASK:
@@ -402,7 +457,7 @@ class FrozenVLModel(nn.Module):
         attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(self.device)
         inputs.check_length(self.llm.config, input_ids.shape[1], cfg.max_new_tokens)  # before any compute
         if pixel_values is not None:
-            image_rows = self._image_rows(input_ids, pixel_values.shape[0], task, image_rows)
+            image_rows = self._image_rows(input_ids, len(pixel_values), task, image_rows, pixel_values)
         n_per_row = (
             torch.bincount(image_rows.cpu(), minlength=input_ids.shape[0])
             if image_rows is not None
@@ -509,6 +564,18 @@ class FrozenVLModel(nn.Module):
                 },
             },
         }
+
+
+def _splice(h: torch.Tensor, input_ids: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """Image tokens [1, n, hidden] (every image's, in order) into the image slots of embeddings `h`."""
+    is_image = input_ids == IMAGE_TOKEN_ID
+    n_slots = int(is_image.sum())
+    if n_slots != flat.shape[0] * flat.shape[1]:
+        raise ValueError(
+            f"input has {n_slots} image-token positions but the images give {flat.shape[0] * flat.shape[1]} tokens: "
+            "prepare the prompt with the same images (a tiled image's slot count follows its tiles)"
+        )
+    return h.masked_scatter(is_image.unsqueeze(-1), flat.to(h.dtype))
 
 
 def load(directory: str | os.PathLike, *, dtype=None, device=None, attn_implementation=None) -> FrozenVLModel:

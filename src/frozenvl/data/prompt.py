@@ -16,17 +16,22 @@ def count_placeholders(text: str) -> int:
 
 
 def tokenize_with_images(
-    tokenizer, text: str, tokens_per_image: int, *, add_special_tokens: bool = False
+    tokenizer, text: str, tokens_per_image: int | Sequence[int], *, add_special_tokens: bool = False
 ) -> list[int]:
-    """Tokenize `text`, writing `tokens_per_image` IMAGE_TOKEN_ID slots for each `<image>`.
+    """Tokenize `text`, writing `tokens_per_image` IMAGE_TOKEN_ID slots for each `<image>` (or, given one
+    count per image, as many as that image's: tiled images).
 
     With `tokens_per_image == 0` (families that do not put images in the sequence) the placeholder
     is simply removed. Special tokens in the text (from a chat template) are parsed as such.
     """
     ids: list[int] = []
-    for k, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
+    chunks = text.split(IMAGE_PLACEHOLDER)
+    per_image = [tokens_per_image] * (len(chunks) - 1) if isinstance(tokens_per_image, int) else list(tokens_per_image)
+    if len(per_image) != len(chunks) - 1:
+        raise ValueError(f"{len(chunks) - 1} <image> placeholder(s) but token counts for {len(per_image)} image(s)")
+    for k, chunk in enumerate(chunks):
         if k > 0:
-            ids.extend([IMAGE_TOKEN_ID] * tokens_per_image)
+            ids.extend([IMAGE_TOKEN_ID] * per_image[k - 1])
         if chunk:
             ids.extend(tokenizer(chunk, add_special_tokens=add_special_tokens and k == 0)["input_ids"])
         elif k == 0 and add_special_tokens and tokenizer.bos_token_id is not None:

@@ -171,3 +171,23 @@ def build_connector(name: str, vision_dim: int, hidden: int, dtype: torch.dtype 
         return cls(vision_dim, hidden, options["factor"], options["depth"], name, dtype=dtype)
     depth = 1 if name == "linear" else int(_MLP_RE.match(name).group(1))
     return MLPConnector(vision_dim, hidden, depth, dtype=dtype)
+
+
+def add_layout_embeddings(connector: nn.Module, newline: bool, skip: bool) -> None:
+    """Give a connector the learned tokens of tiled layouts (vision/tiling.py), as its own parameters
+    (so they train, save and load with it): `image_newline` (LLaVA-NeXT: ends each row) and
+    `skip_token` (SPHINX-X: stands for a sub-image that is all padding). Both start as small random
+    vectors (std 1/sqrt(width), LLaVA-NeXT's init), so different rows and skipped tiles are visible."""
+    weight = connector.linear_1.weight
+    width = getattr(connector, f"linear_{connector.depth}").out_features
+    std = 1.0 / math.sqrt(width)
+    for name, wanted in (("image_newline", newline), ("skip_token", skip)):
+        if wanted and not hasattr(connector, name):
+            connector.register_parameter(
+                name, nn.Parameter(torch.randn(width, dtype=weight.dtype, device=weight.device) * std)
+            )
+
+
+def layout_embeddings(connector: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(newline, skip) embeddings of a connector; None where it has none."""
+    return getattr(connector, "image_newline", None), getattr(connector, "skip_token", None)

@@ -514,7 +514,10 @@ class ImagePreprocessor:
                     raise TypeError(f"image at index {index}: {exc}") from exc
         else:
             arrays = [self._prepare(images)]
+        return self.normalize(arrays)
 
+    def normalize(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        """uint8 ``[H, W, 3]`` arrays of one size -> rescaled, normalised float32 ``[N, 3, H, W]``."""
         batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(torch.float32)
         batch = batch * self.rescale_factor
         mean = torch.tensor(self.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
