@@ -289,8 +289,8 @@ def test_text_is_the_bare_base_after_training(bases, images, arch):
 
 @pytest.mark.parametrize("attention_experts", [False, True])
 def test_cached_generation_equals_recompute(bases, images, attention_experts):
-    model = _build(bases, "qwen2", attention_experts=attention_experts)
-    perturb(model, "mm", scale=0.3)
+    model = _build(bases, "llama", attention_experts=attention_experts)
+    perturb(model, "mm", scale=1.0)  # (smaller weights make the tiny model repeat one token)
     assert_cache_matches_recompute(model, "mm", images)
 
 
@@ -324,5 +324,5 @@ def test_with_a_vision_encoder_and_a_standard_connector(bases, images):
     model = frozenvl.build(llm_dir, vis, workflows={"mm": {"family": "visual_experts", "connector": "mlp2x_gelu"}})
     assert model.pixel_embedding("mm") is None
     assert model.tokens_per_image("mm") == model.vision.num_tokens() + 2
-    perturb(model, "mm", scale=0.3)
+    perturb(model, "mm", scale=1.0, seed=4)  # (other draws make the tiny model repeat one token)
     assert_cache_matches_recompute(model, "mm", images)
