@@ -17,6 +17,7 @@ from frozenvl.config import ConfigError
 from frozenvl.constants import IMAGE_TOKEN_ID
 from frozenvl.data.prompt import position_ids_from_mask
 from frozenvl.families import visual_experts as ve
+from frozenvl.tiny import build_llm
 from frozenvl.vision.connectors import PixelShuffleConnector, build_connector
 from frozenvl.vision.monolithic import MonolithicEmbedding
 
@@ -287,11 +288,23 @@ def test_text_is_the_bare_base_after_training(bases, images, arch):
     assert torch.equal(model.generate(one, task="mm", **kw), model.generate(one, task="text", **kw))
 
 
+@pytest.fixture(scope="module")
+def sharp_llama(bases, tmp_path_factory):
+    """The tiny Llama re-initialised with std 0.2 (as test_cache_equivalence): attention that is not
+    almost uniform, so a decode step that saw the wrong keys would move the logits well past the tolerance."""
+    llm_dir, vis = bases("llama")
+    return build_llm(tmp_path_factory.mktemp("sharp-llama"), arch="llama", tokenizer_dir=llm_dir,
+                     initializer_range=0.2), vis
+
+
 @pytest.mark.parametrize("attention_experts", [False, True])
-def test_cached_generation_equals_recompute(bases, images, attention_experts):
-    model = _build(bases, "llama", attention_experts=attention_experts)
-    perturb(model, "mm", scale=1.0)  # (smaller weights make the tiny model repeat one token)
-    assert_cache_matches_recompute(model, "mm", images)
+def test_cached_generation_equals_recompute(sharp_llama, images, attention_experts):
+    llm_dir, _ = sharp_llama
+    model = frozenvl.build(llm_dir, None, workflows={"mm": {"family": "visual_experts", "connector": SMALL,
+                                                            "attention_experts": attention_experts}})
+    perturb(model, "mm", scale=0.1)
+    model.workflow("mm").cfg.text_fallback = False
+    assert_cache_matches_recompute(model, "mm", images, min_distinct=4)
 
 
 def test_decode_steps_run_only_the_base_layers(bases, images):
@@ -319,10 +332,11 @@ def test_decode_steps_run_only_the_base_layers(bases, images):
     assert len(blocks) == 4  # the written-out block in prefill only
 
 
-def test_with_a_vision_encoder_and_a_standard_connector(bases, images):
-    llm_dir, vis = bases("llama")
-    model = frozenvl.build(llm_dir, vis, workflows={"mm": {"family": "visual_experts", "connector": "mlp2x_gelu"}})
+def test_with_a_vision_encoder_and_a_standard_connector(sharp_llama, images):
+    llm_dir, vis = sharp_llama
+    model = frozenvl.build(llm_dir, vis, workflows={"mm": {"family": "visual_experts", "connector": "mlp2x_gelu",
+                                                           "attention_experts": True}})
     assert model.pixel_embedding("mm") is None
     assert model.tokens_per_image("mm") == model.vision.num_tokens() + 2
-    perturb(model, "mm", scale=1.0, seed=4)  # (other draws make the tiny model repeat one token)
-    assert_cache_matches_recompute(model, "mm", images)
+    perturb(model, "mm", scale=0.1)
+    assert_cache_matches_recompute(model, "mm", images, min_distinct=4)
