@@ -187,7 +187,7 @@ def test_copied_experts_are_a_prefix_workflow_on_the_same_embedding(bases, image
     ours, inputs = _logits(model, "mm", MIXED_PROMPTS, _mixed_images(images))
     prefix, _ = _logits(model, "p", MIXED_PROMPTS, _mixed_images(images))
     assert (inputs["input_ids"] == IMAGE_TOKEN_ID).sum() == 3 * 4
-    torch.testing.assert_close(ours, prefix, atol=1e-6, rtol=0)
+    assert torch.equal(ours, prefix)
     perturb(model, "mm", scale=0.3, parts=["experts"])  # trained experts: no longer the prefix model
     assert (_logits(model, "mm", MIXED_PROMPTS, _mixed_images(images))[0] - prefix).abs().max() > 1e-3
 
@@ -205,7 +205,7 @@ def test_copied_experts_with_delimiters_are_the_base_on_spliced_embeddings(bases
         embeds = fam.embed(inputs["input_ids"], model._image_embeds("mm", inputs["pixel_values"]))
         ref = bare(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
                    position_ids=position_ids_from_mask(inputs["attention_mask"])).logits
-    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+    assert torch.equal(ours, ref)
 
 
 def test_routing_marks_the_image_tokens_and_not_the_delimiters(bases, images):
