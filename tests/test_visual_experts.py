@@ -266,10 +266,13 @@ def test_text_is_the_bare_base_after_training(bases, images, arch):
     inputs = model.prepare_inputs(MIXED_PROMPTS, _mixed_images(images), task="mm")
     labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN_ID, -100)
     start = {n: p.detach().clone() for n, p in fam.named_parameters()}
-    for _ in range(3):
+    for step in range(3):
         opt.zero_grad()
         model(**inputs, labels=labels, task="mm").loss.backward()
         assert all(p.grad is None for p in model.llm.parameters())
+        if step == 0:  # every expert tensor (each FFN and q/k/v/o expert of every layer) is on the path
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params), \
+                [n for n, p in fam.named_parameters() if p.grad is None or not p.grad.abs().sum()]
         opt.step()
     model.eval()
     for part, ps in fam.parts().items():  # every part trained
@@ -340,3 +343,31 @@ def test_with_a_vision_encoder_and_a_standard_connector(sharp_llama, images):
     assert model.tokens_per_image("mm") == model.vision.num_tokens() + 2
     perturb(model, "mm", scale=0.1)
     assert_cache_matches_recompute(model, "mm", images, min_distinct=4)
+
+
+def test_the_example_recipe_trains_without_a_vision_encoder(bases, tmp_path):
+    """examples/train_visual_experts.yaml's workflow and stage parts, on the tiny base with vision: null,
+    through the trainer (datasets get the monolithic embedding's preprocessing): the loss falls, the base
+    stays, and the run dir reloads without a vision encoder."""
+    import yaml
+
+    from frozenvl.train import train
+
+    from .conftest import write_llava_data
+
+    example = yaml.safe_load(open(__file__.rsplit("/tests/", 1)[0] + "/examples/train_visual_experts.yaml"))
+    assert example["vision"] is None and example["workflow"]["family"] == "visual_experts"
+    data = write_llava_data(tmp_path / "data", n=8)
+    stage = {"lr": 3e-3, "steps": 3, "batch_size": 2, "warmup_ratio": 0.0, "schedule": "constant"}
+    cfg = {
+        "llm": bases()[0], "vision": None, "output_dir": str(tmp_path / "run"), "seed": 0, "log_every": 1,
+        "workflow": {**example["workflow"], "connector": SMALL},
+        "data": {"train": data, "max_length": 256},
+        "stages": [{"name": s["name"], "train": s["train"], **stage} for s in example["stages"]],
+    }
+    res = train(cfg, show_progress=False)
+    assert res.base_unchanged and res.steps == 6 and not any(res.skipped.values())  # the images were read
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    loaded = frozenvl.load(tmp_path / "run")
+    assert loaded.vision is None and loaded.tokens_per_image("mm") == 4 + 2
