@@ -270,9 +270,12 @@ def test_text_is_the_bare_base_after_training(bases, images, arch):
         opt.zero_grad()
         model(**inputs, labels=labels, task="mm").loss.backward()
         assert all(p.grad is None for p in model.llm.parameters())
-        if step == 0:  # every expert tensor (each FFN and q/k/v/o expert of every layer) is on the path
-            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params), \
-                [n for n, p in fam.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+        if step == 0:  # every expert tensor is on the loss's path, but the last layer's image-token
+            # outputs (its FFN expert, q and o) reach no labelled position: only its k/v experts do
+            last = str(fam.lm.num_layers - 1)
+            off_path = (f"ffn_experts.{last}.", f"attn_experts.{last}.q_proj", f"attn_experts.{last}.o_proj")
+            no_grad = sorted(n for n, p in fam.named_parameters() if p.grad is None or not p.grad.abs().sum())
+            assert no_grad == sorted(n for n, _ in fam.named_parameters() if n.startswith(off_path))
         opt.step()
     model.eval()
     for part, ps in fam.parts().items():  # every part trained
