@@ -28,6 +28,7 @@ WORKFLOWS = {
     "bind": {"family": "bind"},
     "cross_attention": {"family": "cross_attention", "every": 1, "resampler_depth": 1, "resampler_latents": 4,
                         "resampler_heads": 2, "resampler_head_dim": 8},
+    "visual_experts": {"family": "visual_experts", "connector": "monolithic:size=56", "attention_experts": True},
 }
 assert set(WORKFLOWS) == set(FAMILIES)
 
@@ -146,7 +147,7 @@ def test_cross_attention_with_zero_gates_is_the_base(bases, images, arch):
         assert torch.equal(model(**inputs, task="mm").logits[..., :vocab], ref)
 
 
-@pytest.mark.parametrize("arch,family", [(a, f) for a, f in SUPPORTED if f in BLOCK_REWRITING])
+@pytest.mark.parametrize("arch,family", [(a, f) for a, f in SUPPORTED if f in ("adaption_prompt", "bind")])
 def test_block_rewriting_families_at_init_are_the_base(bases, images, arch, family):
     llm_dir, vis = bases(arch)
     model = frozenvl.build(llm_dir, vis, workflows={"mm": WORKFLOWS[family]})
@@ -156,6 +157,22 @@ def test_block_rewriting_families_at_init_are_the_base(bases, images, arch, fami
         assert torch.equal(model(**inputs, task="mm").logits, _bare_logits(bare, inputs))
         perturb(model, "mm", scale=0.3)
         assert not torch.equal(model(**inputs, task="mm").logits, _bare_logits(bare, inputs))
+
+
+@pytest.mark.parametrize("arch", [a for a in ALL_ARCHS if supported(a, "visual_experts")])
+def test_visual_experts_copied_from_the_text_ffn_are_the_base_on_spliced_embeddings(bases, images, arch):
+    """Experts (FFN and attention) copied from the frozen ones: routing changes nothing until they train."""
+    llm_dir, vis = bases(arch)
+    model = frozenvl.build(llm_dir, vis, workflows={"mm": WORKFLOWS["visual_experts"]})
+    perturb(model, "mm", scale=0.3, parts=["connector", "tokens"])
+    family, bare = model.workflow("mm"), _bare(llm_dir)
+    inputs = _image_inputs(model, images)
+    with torch.no_grad():
+        embeds = family.embed(inputs["input_ids"], model._image_embeds("mm", inputs["pixel_values"]))
+        ref = _bare_logits(bare, inputs, embeds)
+        assert torch.equal(model(**inputs, task="mm").logits, ref)
+        perturb(model, "mm", scale=0.3, parts=["experts", "attention_experts"])
+        assert (model(**inputs, task="mm").logits - ref).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)

@@ -24,6 +24,8 @@ WORKFLOWS = {
     "cross_attention_idefics": ({"family": "cross_attention", "style": "idefics", "gate_type": "vector", "qk_norm": True,
                                  "every": 1, "resampler_depth": 1, "resampler_latents": 4, "resampler_heads": 2,
                                  "resampler_head_dim": 8}, 0.1, ["xattn", "resampler"]),
+    "visual_experts": ({"family": "visual_experts", "connector": "monolithic:size=56", "attention_experts": True},
+                       0.1, None),
 }
 # A Llama-block base with grouped-query attention and a Gemma2 base (sliding window of 4 < the prompts,
 # softcapped logits) for the families that run on it.

@@ -1,4 +1,4 @@
-"""FrozenVLModel: one frozen base LLM + one frozen vision tower + named workflows."""
+"""FrozenVLModel: one frozen base LLM + one frozen vision tower (optional) + named workflows."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from .families.base import DecodeContext, Family
 from .image_cache import EncodedImageCache
 from .inputs import NO_IMAGES_FOR_TEXT
 from .losses import causal_lm_loss
-from .vision.connectors import add_layout_embeddings, layout_embeddings
+from .vision.connectors import add_layout_embeddings, layout_embeddings, takes_pixels
 from .vision.encoder import VisionTower
 from .vision.images import ImagePreprocessor
 from .vision.mixed import MixedVisionTower, build_vision, map_paths, primary_path
@@ -100,9 +100,12 @@ class FrozenVLModel(nn.Module):
             dtype=str(dt).removeprefix("torch.") if dt is not None else None,
             attn_implementation=attn_implementation,
         )
-        needs_vision = any(get_family(wf.family).uses_images for wf in config.workflows.values())
+        needs_vision = [n for n, wf in config.workflows.items() if _needs_vision_tower(wf)]
         if needs_vision and config.vision is None:
-            raise ValueError("these workflows take images: give a vision encoder (vision=hub id or local dir)")
+            raise ValueError(
+                f"workflow(s) {needs_vision} take images through a vision encoder: give one (vision=hub id or local "
+                "dir), or use a connector that embeds pixels itself (connector: monolithic)"
+            )
         kwargs: dict[str, Any] = {}
         if dt is not None:
             kwargs["dtype"] = dt
@@ -117,8 +120,11 @@ class FrozenVLModel(nn.Module):
     def _attach(self, name: str, wf: WorkflowConfig) -> Family:
         family_cls = get_family(wf.family)
         vision_hidden = self.vision.hidden_size if self.vision is not None else None
-        if family_cls.uses_images and self.vision is None:
-            raise ValueError(f"workflow {name!r} ({wf.family}) takes images but the model has no vision encoder")
+        if _needs_vision_tower(wf) and self.vision is None:
+            raise ValueError(
+                f"workflow {name!r} ({wf.family}, connector {wf.connector!r}) takes images through a vision encoder "
+                "but the model has none (connector: monolithic embeds pixels itself)"
+            )
         module = family_cls(wf, self.llm, vision_hidden).to(self.llm.device)
         if wf.tiling is not None:
             if type(module).embed is not Family.embed or module.connector is None:
@@ -181,15 +187,29 @@ class FrozenVLModel(nn.Module):
         return [p for ps in self.workflow(task).parts().values() for p in ps]
 
     # ------------------------------------------------------------------ images
+    def pixel_embedding(self, task: str) -> nn.Module | None:
+        """The workflow's connector when it embeds pixels itself (`monolithic`), else None.
+
+        The one switch between the two ways images enter: such a workflow's images skip the vision
+        tower (there may be none) and get the embedding's own preprocessing and patch grid."""
+        if task == TEXT_TASK:
+            return None
+        connector = self.workflow(task).connector
+        return connector if getattr(connector, "takes_pixels", False) else None
+
     def preprocessor(self, task: str) -> ImagePreprocessor | TiledPreprocessor:
         cfg = self.workflow(task).cfg
         mode = cfg.image_mode
+        own = self.pixel_embedding(task)
+        key = mode if own is None else (mode, own.image_size)
         with self._preprocessors_lock:  # built once per mode, also when threads ask at the same time
-            if mode not in self._preprocessors:
-                self._preprocessors[mode] = ImagePreprocessor.from_pretrained(
-                    primary_path(self.config.vision), vision_config=self.vision.config, mode=mode
+            if key not in self._preprocessors:
+                self._preprocessors[key] = (
+                    own.preprocessor(mode) if own is not None
+                    else ImagePreprocessor.from_pretrained(primary_path(self.config.vision),
+                                                           vision_config=self.vision.config, mode=mode)
                 )
-            base = self._preprocessors[mode]
+            base = self._preprocessors[key]
         if cfg.tiling is None:
             return base
         return TiledPreprocessor(base, cfg.tiling, cfg.max_tiles, cfg.min_tiles, cfg.use_thumbnail, cfg.grid_pinpoints,
@@ -197,10 +217,12 @@ class FrozenVLModel(nn.Module):
 
     def tokens_per_image(self, task: str) -> int:
         """Placeholder slots of one image (of one tile, for a tiled workflow: see `image_token_counts`)."""
-        if task == TEXT_TASK or self.vision is None:
+        own = self.pixel_embedding(task)
+        if task == TEXT_TASK or (self.vision is None and own is None):
             return 0
         family = self.workflow(task)
-        return family.image_tokens_per_image(self.vision.num_tokens(family.cfg.keep_cls))
+        patches = own.num_patches if own is not None else self.vision.num_tokens(family.cfg.keep_cls)
+        return family.image_tokens_per_image(patches)
 
     def image_token_counts(self, task: str, pixel_values: Any) -> int | list[int]:
         """Placeholder slots per image: one number for every image, or one per image for tiled images
@@ -249,7 +271,11 @@ class FrozenVLModel(nn.Module):
                 + (f" (its config option: {', '.join(options)})" if options else "")
             )
 
+        own = self.pixel_embedding(task)
+
         def encode(pixels: torch.Tensor) -> torch.Tensor:
+            if own is not None:  # the connector embeds the pixels itself
+                return family.encode_images(pixels)
             flat = pixels.flatten(0, 1) if frames is not None else pixels
             feats = self.vision(flat, select_layer=family.cfg.select_layer, keep_cls=family.cfg.keep_cls)
             if frames is not None:
@@ -258,7 +284,8 @@ class FrozenVLModel(nn.Module):
 
         if torch.is_grad_enabled() or pixel_values.shape[0] == 0:
             return encode(pixel_values)
-        return self.encoded_images.get(task, (self.vision, family), pixel_values, encode)
+        modules = (family,) if own is not None else (self.vision, family)
+        return self.encoded_images.get(task, modules, pixel_values, encode)
 
     def _tiled_embeds(self, task: str, family: Family, pixel_values: TiledPixels) -> torch.Tensor:
         """Every tiled image's tokens, concatenated in order: [1, total tokens, hidden]. Each image is one
@@ -266,14 +293,18 @@ class FrozenVLModel(nn.Module):
         if family.cfg.tiling is None:
             raise ValueError(f"workflow {task!r} has no tiling option but was given tiled images")
         newline, skip = layout_embeddings(family.connector)
+        own = self.pixel_embedding(task)
 
         def encode(tiled: TiledPixels) -> list[torch.Tensor]:
-            feats = self.vision(tiled.tiles, select_layer=family.cfg.select_layer, keep_cls=family.cfg.keep_cls)
+            # a pixel-embedding connector (monolithic) takes the tiles themselves
+            feats = tiled.tiles if own is not None else self.vision(
+                tiled.tiles, select_layer=family.cfg.select_layer, keep_cls=family.cfg.keep_cls)
             tokens = family.encode_images(feats).split(tiled.counts)
             return [arrange_tokens(lay, t, newline, skip) for lay, t in zip(tiled.layouts, tokens)]
 
+        modules = (family,) if own is not None else (self.vision, family)
         per_image = encode(pixel_values) if torch.is_grad_enabled() else self.encoded_images.get(
-            task, (self.vision, family), pixel_values, encode)
+            task, modules, pixel_values, encode)
         return torch.cat(per_image)[None]
 
     # ------------------------------------------------------------------ forward
@@ -576,6 +607,10 @@ def _splice(h: torch.Tensor, input_ids: torch.Tensor, flat: torch.Tensor) -> tor
             "prepare the prompt with the same images (a tiled image's slot count follows its tiles)"
         )
     return h.masked_scatter(is_image.unsqueeze(-1), flat.to(h.dtype))
+
+
+def _needs_vision_tower(wf: WorkflowConfig) -> bool:
+    return get_family(wf.family).uses_images and not takes_pixels(wf.connector)
 
 
 def load(directory: str | os.PathLike, *, dtype=None, device=None, attn_implementation=None) -> FrozenVLModel:

@@ -28,7 +28,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from ..config import ConfigError, WorkflowConfig
-from ..vision.connectors import build_connector
+from ..vision.connectors import build_connector, takes_pixels
 from .architectures import cache_kwarg, check_architecture, takes_parameter
 
 from ..constants import IMAGE_TOKEN_ID
@@ -157,7 +157,7 @@ class Family(nn.Module):
             self.lm = LMParts(self.own_llm.base_model.model, **parts)
         self.connector = (
             build_connector(cfg.connector, vision_hidden, llm.config.hidden_size, dtype=llm.dtype)
-            if (self.uses_images and vision_hidden is not None)
+            if self.uses_images and (vision_hidden is not None or takes_pixels(cfg.connector))
             else None
         )
 
@@ -207,7 +207,7 @@ class Family(nn.Module):
         table = self.embed_tokens()
         is_image = input_ids == IMAGE_TOKEN_ID
         h = table(input_ids.masked_fill(is_image, 0))
-        if image_embeds is not None and self.image_tokens_per_image(image_embeds.shape[1]) > 0:
+        if image_embeds is not None and image_embeds.shape[1] > 0:  # (a count of image tokens, not vision tokens)
             n_slots, n_given = int(is_image.sum()), image_embeds.shape[0] * image_embeds.shape[1]
             if n_slots != n_given:
                 raise ValueError(
@@ -292,26 +292,32 @@ def call_layer(layer: nn.Module, h: torch.Tensor, ctx: DecodeContext, attn_type:
     return out[0] if isinstance(out, tuple) else out
 
 
+Projection = Callable[[str, torch.Tensor], torch.Tensor]  # (name: "q_proj" | ... | "o_proj", x) -> projected x
+
+
 def self_attention(
-    attn: nn.Module, x: torch.Tensor, ctx: DecodeContext, attn_type: str
+    attn: nn.Module, x: torch.Tensor, ctx: DecodeContext, attn_type: str, *, project: Projection | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A HF Llama-style attention module's forward, up to (not including) `o_proj`.
 
     Returns (attention output [B, T, heads * head_dim], rotated query states [B, heads, T, head_dim])
     so that a family can add its own term in head space before `o_proj` (adaption prompts, bind,
     learners). Same ops in the same order as transformers' own forward: the result is bit-identical.
+    `project(name, x)` replaces the q/k/v projections (visual_experts: per-token attention experts).
     """
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    if project is None:
+        project = lambda name, t: getattr(attn, name)(t)  # noqa: E731  (the frozen projection)
     input_shape = x.shape[:-1]
     hidden_shape = (*input_shape, -1, attn.head_dim)
-    q = attn.q_proj(x).view(hidden_shape)
-    k = attn.k_proj(x).view(hidden_shape)
+    q = project("q_proj", x).view(hidden_shape)
+    k = project("k_proj", x).view(hidden_shape)
     if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms before rotary
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
-    v = attn.v_proj(x).view(hidden_shape).transpose(1, 2)
+    v = project("v_proj", x).view(hidden_shape).transpose(1, 2)
     cos, sin = ctx.position_embeddings[attn_type]
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     if ctx.cache is not None:
@@ -333,20 +339,22 @@ def decoder_block(
     *,
     attn_extra: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     mlp: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    project: Projection | None = None,
 ) -> torch.Tensor:
-    """A Llama-style decoder block written out, with the two places families act inside it.
+    """A Llama-style decoder block written out, with the places families act inside it.
 
     `attn_extra(x_normed, attn_out, query_states)` returns the attention output to feed `o_proj`
-    (in head space, e.g. `attn_out + gate * prompt_attention`); `mlp(x_normed)` replaces the MLP.
-    With neither, the result is bit-identical to calling `layer` itself.
+    (in head space, e.g. `attn_out + gate * prompt_attention`); `mlp(x_normed)` replaces the MLP;
+    `project(name, x)` replaces the q/k/v/o projections. With none, the result is bit-identical to
+    calling `layer` itself.
     """
     attn = layer.self_attn
     residual = h
     x = layer.input_layernorm(h)
-    attn_out, q = self_attention(attn, x, ctx, attn_type)
+    attn_out, q = self_attention(attn, x, ctx, attn_type, project=project)
     if attn_extra is not None:
         attn_out = attn_extra(x, attn_out, q)
-    h = residual + attn.o_proj(attn_out)
+    h = residual + (project("o_proj", attn_out) if project is not None else attn.o_proj(attn_out))
     residual = h
     x = layer.post_attention_layernorm(h)
     return residual + (mlp(x) if mlp is not None else layer.mlp(x))

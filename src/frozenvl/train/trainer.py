@@ -172,7 +172,8 @@ class Trainer:
             d.train,
             tokenizer=m.tokenizer,
             tokens_per_image=m.tokens_per_image(self.task),
-            preprocessor=m.preprocessor(self.task) if m.vision is not None else None,
+            preprocessor=(m.preprocessor(self.task)
+                          if m.vision is not None or m.pixel_embedding(self.task) is not None else None),
             image_root=d.image_root,
             max_length=d.max_length,
             truncation=d.truncation,

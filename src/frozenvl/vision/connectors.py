@@ -6,6 +6,9 @@ Names (the workflow's ``connector``):
 * ``pixel_shuffle`` (InternVL): each ``factor x factor`` block of neighbouring patches becomes one
   token with ``factor**2`` times the channels, then LayerNorm + MLP (256 tokens -> 64 for factor 2).
 * ``avg_pool``: each ``factor x factor`` block is averaged, then LLaVA's MLP.
+* ``monolithic`` (Mono-InternVL, ``vision/monolithic.py``): takes *pixels*, not vision features: a
+  patch embedding and position embedding in front of ``pixel_shuffle``, so it needs no vision
+  encoder (options ``size`` 448, ``patch`` 14, ``width`` = the LLM's, ``factor``, ``depth``).
 
 The token-reducing ones take options after a colon: ``pixel_shuffle:factor=3``,
 ``avg_pool:factor=2,depth=1`` (``factor`` default 2, ``depth`` = MLP layers, default 2). They need
@@ -22,29 +25,33 @@ import torch
 from torch import nn
 
 _MLP_RE = re.compile(r"^mlp(\d+)x_gelu$")
-_REDUCE_RE = re.compile(r"^(pixel_shuffle|avg_pool)(?::(.*))?$")
+_REDUCE_RE = re.compile(r"^(pixel_shuffle|avg_pool|monolithic)(?::(.*))?$")
 _REDUCE_DEFAULTS = {"factor": 2, "depth": 2}
+# Options only some kinds take (width 0: the LLM's width).
+_KIND_DEFAULTS = {"monolithic": {"size": 448, "patch": 14, "width": 0}}
 CONNECTOR_NAMES = (
     "linear",
     "mlpNx_gelu (e.g. mlp2x_gelu)",
     "pixel_shuffle[:factor=F,depth=D]",
     "avg_pool[:factor=F,depth=D]",
+    "monolithic[:size=S,patch=P,width=W,factor=F,depth=D] (pixels in: no vision encoder)",
 )
 
 
 def _parse_reducer(name: str) -> tuple[str, dict[str, int]] | None:
-    """('pixel_shuffle' | 'avg_pool', options) for a token-reducing connector name, else None."""
+    """('pixel_shuffle' | 'avg_pool' | 'monolithic', options) for a token-reducing connector name, else None."""
     m = _REDUCE_RE.match(name)
     if not m:
         return None
-    options = dict(_REDUCE_DEFAULTS)
+    defaults = {**_REDUCE_DEFAULTS, **_KIND_DEFAULTS.get(m.group(1), {})}
+    options = dict(defaults)
     for item in filter(None, (m.group(2) or "").split(",")):
         key, sep, value = item.partition("=")
         key = key.strip()
-        if not sep or key not in _REDUCE_DEFAULTS or not value.strip().isdigit() or int(value) < 1:
+        if not sep or key not in defaults or not value.strip().isdigit() or int(value) < 1:
             raise ValueError(
                 f"connector {name!r}: bad option {item!r}; options are "
-                f"{', '.join(f'{k}=<int >= 1> (default {v})' for k, v in _REDUCE_DEFAULTS.items())}"
+                f"{', '.join(f'{k}=<int >= 1> (default {v})' for k, v in defaults.items())}"
             )
         options[key] = int(value)
     return m.group(1), options
@@ -60,6 +67,12 @@ def check_connector_name(name: str) -> None:
 
 def is_token_reducing(name: str) -> bool:
     return _parse_reducer(name) is not None
+
+
+def takes_pixels(name: str) -> bool:
+    """The connector embeds pixels itself (`monolithic`): its workflow needs no vision encoder."""
+    reducer = _parse_reducer(name)
+    return reducer is not None and reducer[0] == "monolithic"
 
 
 def grid_side(num_tokens: int, factor: int, connector: str) -> int:
@@ -162,11 +175,16 @@ class AvgPoolConnector(MLPConnector):
         return (grid_side(num_vision_tokens, self.factor, self.name) // self.factor) ** 2
 
 
-def build_connector(name: str, vision_dim: int, hidden: int, dtype: torch.dtype | None = None) -> nn.Module:
+def build_connector(name: str, vision_dim: int | None, hidden: int, dtype: torch.dtype | None = None) -> nn.Module:
+    """The connector `name` (`vision_dim`: the vision features' width; unused by `monolithic`)."""
     check_connector_name(name)
     reducer = _parse_reducer(name)
     if reducer is not None:
         kind, options = reducer
+        if kind == "monolithic":
+            from .monolithic import MonolithicEmbedding  # it builds on PixelShuffleConnector below
+
+            return MonolithicEmbedding(hidden, name=name, dtype=dtype, **options)
         cls = PixelShuffleConnector if kind == "pixel_shuffle" else AvgPoolConnector
         return cls(vision_dim, hidden, options["factor"], options["depth"], name, dtype=dtype)
     depth = 1 if name == "linear" else int(_MLP_RE.match(name).group(1))
