@@ -101,7 +101,7 @@ class _Row:
     """One request's row in a batch: its text, stop strings, eos and max_tokens (mirrors stream_text)."""
 
     def __init__(self, engine: "Engine", req: GenRequest):
-        self.req, self.eos, self.stops = req, engine.eos, req.sampling.stop
+        self.req, self.eos, self.stops, self.log = req, engine.eos, req.sampling.stop, engine.finished_log
         self.detok = IncrementalDetokenizer(engine.model.tokenizer, skip_special_tokens=True,
                                             lock=engine.model._tokenizer_lock)
         self.pending = ""  # decoded, not yet emitted: a possible start of a stop string
@@ -118,6 +118,7 @@ class _Row:
             cut = _first_stop(self.pending, self.stops)
             self._emit(self.pending if cut is None else self.pending[:cut])
         self.active = False
+        self.log.append((self.req.id, reason, self.tokens))
         self.req.on_event(Finished(reason, len(self.req.input_ids), self.tokens))
 
     def push(self, token: int) -> None:
@@ -153,7 +154,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.stats = {"batches": 0, "rows": 0, "cancelled": 0, "running": 0, "max_batch_rows": 0}
-        self.batch_log: deque[tuple[str, int]] = deque(maxlen=256)  # (workflow, rows) of recent batches
+        # recent batches as (workflow, rows), recent requests as (id, finish reason, tokens): for /health and tests
+        self.batch_log: deque[tuple[str, int]] = deque(maxlen=256)
+        self.finished_log: deque[tuple[int, str, int]] = deque(maxlen=256)
 
     # ------------------------------------------------------------------ caller side
     def prepare(self, task: str, prompt: str, images: list[Any], sampling: Sampling,
@@ -190,6 +193,7 @@ class Engine:
             if queue is not None and req in queue:
                 queue.remove(req)
                 self._queued -= 1
+                self.finished_log.append((req.id, "cancelled", 0))
 
     def status(self) -> dict[str, int]:
         with self._cond:
@@ -238,6 +242,10 @@ class Engine:
             self._queued -= len(batch)
             self._last = task
             self.stats["running"] = len(batch)
+            self.stats["batches"] += 1
+            self.stats["rows"] += len(batch)
+            self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(batch))
+            self.batch_log.append((task, len(batch)))
             return batch
 
     def _work(self) -> None:
@@ -254,10 +262,6 @@ class Engine:
 
     def _run(self, batch: list[GenRequest]) -> None:
         model, task = self.model, batch[0].task
-        self.stats["batches"] += 1
-        self.stats["rows"] += len(batch)
-        self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(batch))
-        self.batch_log.append((task, len(batch)))
         ids, mask = left_pad([r.input_ids for r in batch], model.tokenizer.pad_token_id)
         pixels = [r.pixel_values for r in batch if r.pixel_values is not None]
         pixel_values = torch.cat(pixels) if pixels else None
