@@ -14,7 +14,7 @@ summary line gives the 16-client throughput with batching over the 1-client thro
 and compete with the server for the CPU: on a shared machine the numbers are only as good as the
 machine is quiet (the load average is printed).
 
-    python benchmarks/bench_serve.py [--requests 6] [--max-tokens 32] [--hidden 128] [--layers 4]
+    python benchmarks/bench_serve.py [--requests 6] [--max-tokens 32] [--hidden 128] [--layers 4] [--threads 1]
 """
 
 from __future__ import annotations
@@ -62,12 +62,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, batch: int):
+def start_server(model_dir: Path, batch: int, threads: int):
     import openai
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen([sys.executable, "-m", "frozenvl", "serve", str(model_dir), "--port", str(port),
                              "--max-batch-size", str(batch), "--max-queue", "256"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the server (OMP_NUM_THREADS)")
     args = ap.parse_args()
     quiet()
     t0, load0 = time.perf_counter(), load_average()
@@ -163,7 +164,7 @@ def main() -> None:
         model_dir = build_model(Path(tmp), args.hidden, args.layers)
         for batch in (1, 16):
             log(f"server with --max-batch-size {batch} ...")
-            proc, port = start_server(model_dir, batch)
+            proc, port = start_server(model_dir, batch, args.threads)
             try:
                 run_round(port, 2, 1, args.max_tokens, url)  # warm-up
                 for clients in CLIENTS:
@@ -173,7 +174,8 @@ def main() -> None:
                 proc.kill()
                 proc.wait()
 
-    print(f"frozenvl serve, Llama hidden {args.hidden} x {args.layers} layers + tiny CLIP, greedy, "
+    print(f"frozenvl serve ({args.threads} torch thread(s)), Llama hidden {args.hidden} x {args.layers} layers + "
+          f"tiny CLIP, greedy, "
           f"max_tokens {args.max_tokens}, {args.requests} streamed requests per client (text / image alternating)")
     print(f"{'batching':<10}{'clients':>8}{'req/s':>9}{'tok/s':>9}{'p50 s':>9}{'p99 s':>9}{'TTFT p50':>10}"
           f"{'TTFT p99':>10}")
