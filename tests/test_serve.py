@@ -121,6 +121,13 @@ def reference(model, task: str, text: str, images: list[bytes], max_tokens: int)
     return model.tokenizer.decode(body, skip_special_tokens=True), batch["input_ids"].shape[1], len(tokens), tokens
 
 
+def wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the server"
+        time.sleep(0.01)
+
+
 def error_of(fn) -> openai.APIStatusError:
     with pytest.raises(openai.APIStatusError) as info:
         fn()
@@ -417,11 +424,9 @@ def test_queue_full_429(small, monkeypatch):
     c = small.client
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(c.chat.completions.create, model="text", messages=[user("a")], max_tokens=2)
-        while engine.status()["running"] == 0:
-            time.sleep(0.01)
+        wait_for(lambda: engine.status()["running"] == 1)
         waiting = pool.submit(c.chat.completions.create, model="text", messages=[user("b")], max_tokens=2)
-        while engine.status()["queued"] == 0:
-            time.sleep(0.01)
+        wait_for(lambda: engine.status()["queued"] == 1)
         e = error_of(lambda: c.chat.completions.create(model="text", messages=[user("c")], max_tokens=2))
         assert e.status_code == 429 and e.body["code"] == "queue_full" and "limit is 1" in e.body["message"]
         release.set()
