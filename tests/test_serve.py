@@ -202,6 +202,7 @@ def test_raw_sse_ends_with_done_and_stop_strings(client, server, model):
     assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
     streamed = _request(client, "text", "what colour is the big square", [], 12, stop=stop)
     assert streamed.choices[0].message.content == full[:3] and streamed.choices[0].finish_reason == "stop"
+    assert full[:3] == model.chat([user("what colour is the big square")], task="text", max_new_tokens=12, stop=[stop])
 
 
 def test_concurrent_greedy_equals_sequential_and_batches(client, server, monkeypatch):

@@ -112,8 +112,9 @@ class _Row:
         if text:
             self.req.on_event(Delta(text))
 
-    def finish(self, reason: str) -> None:
-        if reason != "cancelled":
+    def finish(self, reason: str, flush: bool = True) -> None:
+        """`flush`: emit what the detokenizer still holds (not after a stop string: that text follows it)."""
+        if reason != "cancelled" and flush:
             self.pending += self.detok.flush()
             cut = _first_stop(self.pending, self.stops)
             self._emit(self.pending if cut is None else self.pending[:cut])
@@ -132,7 +133,7 @@ class _Row:
         if cut is not None:
             self._emit(self.pending[:cut])
             self.pending = ""
-            return self.finish("stop")
+            return self.finish("stop", flush=False)
         if self.tokens >= self.req.sampling.max_tokens:
             return self.finish("length")
         keep = _stop_prefix_len(self.pending, self.stops)
