@@ -11,6 +11,7 @@
     frozenvl demo [--quick] [--seeds N] [--data-seed S] [--bases tiny|real] [--no-chat] [--out DIR]
     frozenvl bases [--cache DIR] [--force] [--index-url URL]
     frozenvl eval MODEL_DIR ITEMS.jsonl [--task mm] [--out report.json]
+    frozenvl serve MODEL_DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] ...
     frozenvl --version
 
 Mistakes a user can make (a missing or wrong model directory, a bad config, an unknown task, an
@@ -518,6 +519,46 @@ def import_peft_adaption_prompt(
     except USER_ERRORS as e:
         _fail(f"cannot import {adapter}: {_one_line(e)}")
     _out().print(f"wrote frozenvl model (workflow [bold]{workflow}[/bold]) to {result}", soft_wrap=True)
+
+@app.command()
+def serve(
+    model_dir: Annotated[Path, typer.Argument(help="A frozenvl model directory.", show_default=False)],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(help="Require `Authorization: Bearer KEY` on /v1/*.")] = None,
+    allowed_media_domains: Annotated[
+        Optional[list[str]], typer.Option(help="Fetch http(s) images from this host (and its subdomains); repeat.")
+    ] = None,
+    allowed_local_media_path: Annotated[
+        Optional[Path], typer.Option(help="Read image paths (and file: URLs) only under this directory.")
+    ] = None,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Requests decoded together (1: no batching).")] = 8,
+    max_queue: Annotated[int, typer.Option(min=1, help="Requests waiting for the model; more get 429.")] = 64,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Cap on a request's max_tokens.")] = 512,
+    max_images: Annotated[int, typer.Option(min=0, help="Images per request.")] = 8,
+    max_image_mb: Annotated[float, typer.Option(min=0.001, help="Encoded size of one image, MiB.")] = 10.0,
+    max_body_mb: Annotated[float, typer.Option(min=0.001, help="Request body size, MiB.")] = 32.0,
+    request_timeout: Annotated[float, typer.Option(min=0.001, help="Seconds before an unanswered request is "
+                                                                   "cancelled (504).")] = 300.0,
+) -> None:
+    """Serve every workflow through an OpenAI-compatible API (and a chat page at /). Needs frozenvl[serve]."""
+    try:
+        from frozenvl.serve.app import serve as run_server
+        from frozenvl.serve.limits import MIB, Limits
+    except ImportError as e:
+        _fail(f"`frozenvl serve` needs the serve extra: pip install 'frozenvl[serve]' ({e})")
+    _read_config(model_dir)
+    try:
+        limits = Limits(
+            max_body_bytes=int(max_body_mb * MIB), max_image_bytes=int(max_image_mb * MIB), max_images=max_images,
+            max_tokens=max_tokens, max_queue=max_queue, max_batch_size=max_batch_size,
+            request_timeout_s=request_timeout, allowed_media_domains=list(allowed_media_domains or []),
+            allowed_local_media_path=str(allowed_local_media_path) if allowed_local_media_path else None)
+    except ValueError as e:
+        _fail(e)
+    model = _load(model_dir)
+    _err().print(f"serving {model_dir} ({', '.join(model.tasks)}) at http://{host}:{port}", markup=False)
+    run_server(model, host=host, port=port, limits=limits, api_key=api_key)
 
 
 if __name__ == "__main__":
