@@ -16,7 +16,8 @@ from frozenvl.shapesworld.demo import Scale, recipes, run_demo
 TINY = Scale(n_train_images=24, n_eval_images=4, n_text_train=200, n_text_eval=6,
              bases=replace(BaseSpec(), vocab_size=400, llm_hidden=32, llm_layers=2, llm_heads=2, llm_kv_heads=1,
                            llm_intermediate=64, llm_steps=4, n_scene_texts=40, vit_hidden=32, vit_layers=2,
-                           vit_heads=2, vit_steps=3, llm_batch=8, vit_batch=4),
+                           vit_heads=2, vit_steps=3, llm_batch=8, vit_batch=4, vit_pool=8,
+                           probe_vit_scenes=12, probe_llm_scenes=3),
              align_steps=2, tune_steps=2, batch_size=4, eval_batch=8)
 
 

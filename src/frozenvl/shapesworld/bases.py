@@ -8,7 +8,10 @@
   shape covers it.
 
 Each is saved with `save_pretrained` and loaded back through the same path as hub models. Builds
-are cached under `root/<hash of the spec>` and reproducible from the seed.
+are cached under `root/bases-<hash of the spec>` (so `--seeds N` and reruns reuse them) and
+reproducible from the seed. Each build is probed once (cached with it): per-attribute linear probes
+on the ViT's patch features (:func:`probe_vit`) and the LLM's accuracy on scenes described in
+words (:func:`probe_llm`), the ceiling of every frozen-LLM workflow.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ class BaseSpec:
     vit_pool: int = 2048  # scenes rendered once and cycled through (rendering per step cost most of the time)
     vit_box_weight: float = 5.0
     box_format: str = "unit"  # how boxes are written in the scene descriptions and answers
+    probe_vit_scenes: int = 400
+    probe_llm_scenes: int = 60
 
     def key(self) -> str:
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
@@ -87,7 +92,7 @@ def scene_text_records(n: int, seed: int, fmt: str | None = None) -> list[dict]:
         desc = describe_scene(scene, fmt)
         for item in sw_tasks.image_items(scene, rng, fmt=fmt):
             out.append({
-                "id": f"scene-text-{len(out)}",
+                "id": f"scene-text-{len(out)}", "task": f"scene-{item['task']}",
                 "conversations": [
                     {"from": "human", "value": SCENE_PROMPT.format(desc, item["question"])},
                     {"from": "gpt", "value": item["answer"]},
@@ -123,9 +128,18 @@ def build_bases(root: str | os.PathLike, data_dir: str | os.PathLike, spec: Base
         json.dump(records, f)
     llm_stats = pretrain_llm(llm_dir, pretrain_path, spec, progress)
     vit_stats = pretrain_vit(vision_dir, spec, progress)
+    probes = {"vit": probe_vit(vision_dir, spec, spec.probe_vit_scenes),
+              "llm": probe_llm(llm_dir, spec, spec.probe_llm_scenes)}
     with open(marker, "w") as f:
-        json.dump({"spec": dataclasses.asdict(spec), "llm": llm_stats, "vit": vit_stats}, f, indent=1)
+        json.dump({"spec": dataclasses.asdict(spec), "llm": llm_stats, "vit": vit_stats, "probes": probes}, f,
+                  indent=1)
     return llm_dir, vision_dir
+
+
+def base_info(llm_dir: str) -> dict:
+    """What build_bases recorded for these bases: spec, pretraining stats and the probes."""
+    with open(os.path.join(os.path.dirname(llm_dir), "done.json")) as f:
+        return json.load(f)
 
 
 def _cosine(step: int, total: int, warmup: int) -> float:
@@ -135,7 +149,8 @@ def _cosine(step: int, total: int, warmup: int) -> float:
 
 
 def pretrain_llm(llm_dir: str, data_path: str, spec: BaseSpec, progress: bool = True) -> dict:
-    """Plain causal-LM pretraining on chat data, loss on assistant tokens only."""
+    """Plain causal-LM pretraining on chat data, loss on assistant tokens only, averaged per
+    sample (each answer weighs alike: a box answer's many tokens do not drown one-word answers)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(spec.seed)
@@ -156,8 +171,11 @@ def pretrain_llm(llm_dir: str, data_path: str, spec: BaseSpec, progress: bool = 
         for group in opt.param_groups:
             group["lr"] = spec.llm_lr * _cosine(step, spec.llm_steps, spec.llm_steps // 20)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
-                               ignore_index=-100)
+        labels = batch["labels"][:, 1:]
+        ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                             reduction="none").view_as(labels)
+        mask = (labels != -100).float()
+        loss = ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -167,6 +185,38 @@ def pretrain_llm(llm_dir: str, data_path: str, spec: BaseSpec, progress: bool = 
     model.eval()
     model.save_pretrained(llm_dir)
     return {"steps": spec.llm_steps, "first_loss": losses[0], "final_loss": sum(losses[-20:]) / len(losses[-20:])}
+
+
+@torch.no_grad()
+def probe_llm(llm_dir: str, spec: BaseSpec, n_scenes: int = 60, batch: int = 64) -> dict[str, float]:
+    """The LLM's VQA accuracy per question type on fresh scenes *described in words* (greedy
+    answers): the ceiling of any workflow that keeps this LLM frozen."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..eval import vqa_accuracy
+
+    tok = AutoTokenizer.from_pretrained(llm_dir)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(llm_dir).eval()
+    rng = random.Random(f"shapesworld:{spec.seed}:llm-probe")
+    items = []
+    for _ in range(n_scenes):
+        scene = sample_scene(rng)
+        desc = describe_scene(scene, spec.box_format)
+        items += [(it["qtype"], SCENE_PROMPT.format(desc, it["question"]), it["answer"])
+                  for it in sw_tasks.vqa_items(scene, rng)]
+    scores: dict[str, list[float]] = {}
+    for i in range(0, len(items), batch):
+        chunk = items[i : i + batch]
+        prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+                   for _, q, _ in chunk]
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        for (qtype, _, answer), ids in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
+            scores.setdefault(qtype, []).append(vqa_accuracy(tok.decode(ids, skip_special_tokens=True), answer))
+    result = {q: sum(v) / len(v) for q, v in sorted(scores.items())}
+    result["overall"] = sum(sum(v) for v in scores.values()) / sum(len(v) for v in scores.values())
+    return result
 
 
 # ------------------------------------------------------------------------------------ the ViT
