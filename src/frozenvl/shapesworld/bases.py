@@ -189,11 +189,12 @@ def pretrain_llm(llm_dir: str, data_path: str, spec: BaseSpec, progress: bool = 
 
 @torch.no_grad()
 def probe_llm(llm_dir: str, spec: BaseSpec, n_scenes: int = 60, batch: int = 64) -> dict[str, float]:
-    """The LLM's VQA accuracy per question type on fresh scenes *described in words* (greedy
-    answers): the ceiling of any workflow that keeps this LLM frozen."""
+    """The LLM's VQA accuracy per question type, and its grounding Acc@0.5 (``box``: copying the
+    box out of the description, in the spec's box format), on fresh scenes *described in words*
+    (greedy answers): the ceiling of any workflow that keeps this LLM frozen."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..eval import vqa_accuracy
+    from ..eval import grounding_scores, vqa_accuracy
 
     tok = AutoTokenizer.from_pretrained(llm_dir)
     tok.padding_side = "left"
@@ -204,18 +205,22 @@ def probe_llm(llm_dir: str, spec: BaseSpec, n_scenes: int = 60, batch: int = 64)
         scene = sample_scene(rng)
         desc = describe_scene(scene, spec.box_format)
         items += [(it["qtype"], SCENE_PROMPT.format(desc, it["question"]), it["answer"])
-                  for it in sw_tasks.vqa_items(scene, rng)]
+                  for it in sw_tasks.vqa_items(scene, rng) + sw_tasks.grounding_items(scene, spec.box_format)]
     scores: dict[str, list[float]] = {}
     for i in range(0, len(items), batch):
         chunk = items[i : i + batch]
         prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                    for _, q, _ in chunk]
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        out = model.generate(**enc, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
         for (qtype, _, answer), ids in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
-            scores.setdefault(qtype, []).append(vqa_accuracy(tok.decode(ids, skip_special_tokens=True), answer))
+            text = tok.decode(ids, skip_special_tokens=True)
+            score = (grounding_scores(text, answer, box_format=spec.box_format)[1] if qtype == "box"
+                     else vqa_accuracy(text, answer))
+            scores.setdefault(qtype, []).append(score)
     result = {q: sum(v) / len(v) for q, v in sorted(scores.items())}
-    result["overall"] = sum(sum(v) for v in scores.values()) / sum(len(v) for v in scores.values())
+    vqa = [v for q, vs in scores.items() if q != "box" for v in vs]
+    result["overall"] = sum(vqa) / len(vqa)  # VQA only; "box" is grounding
     return result
 
 

@@ -285,7 +285,8 @@ def _bases_section(results: dict[str, Any]) -> list[str]:
             "| " + " | ".join(f"{100 * vit[k]:.1f}%" for k in keys) + " |", "",
             "The base LLM's VQA accuracy on fresh scenes *described in words* (its pretraining format): no "
             "workflow that keeps this LLM frozen can be expected to beat it.", "",
-            "| " + " | ".join([*qtypes, "overall"]) + " |", "|" + "---:|" * (len(qtypes) + 1),
+            "| " + " | ".join([*("grounding Acc@0.5" if q == "box" else q for q in qtypes), "VQA overall"]) + " |",
+            "|" + "---:|" * (len(qtypes) + 1),
             "| " + " | ".join(f"{100 * llm[k]:.1f}%" for k in [*qtypes, "overall"]) + " |"]
 
 
