@@ -179,7 +179,7 @@ def _ordered(values: Sequence[float]) -> bool:
     return values[0] <= values[2] and values[1] <= values[3]
 
 
-def box_format(spec: "str | BoxFormat | None") -> BoxFormat:
+def box_format(spec: str | BoxFormat | None) -> BoxFormat:
     """The :class:`BoxFormat` named `spec`: ``unit`` / ``unit<D>`` (D decimals), ``int1000`` or
     ``bins<N>`` (2 <= N <= 10000); None = ``unit``. A format passes through."""
     if isinstance(spec, BoxFormat):

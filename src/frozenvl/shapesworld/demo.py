@@ -4,7 +4,9 @@
 2. builds the tiny bases (tokenizer, LLM pretrained on text tasks, ViT) — cached;
 3. trains one workflow per family with the training engine, on the one frozen base: `prefix`
    (LLM frozen), `prefix` with `llm_train: full` (the LLaVA baseline that fine-tunes the LLM),
-   `inner_adaptor` `mm` and `g` (IAA), and every other registered family with a generic recipe;
+   `inner_adaptor` `mm` and `g` (IAA), and every other registered family with its entry of
+   FAMILY_RECIPES (or the generic recipe); every run weighs each sample alike (LOSS), and boxes
+   are written in DEMO_BOXES (bins32);
 4. evaluates VQA, grounding, captions and text tasks, and compares every workflow's text answers
    with the base LLM's, as deployed (text_fallback on) and on the workflow's own path (off);
 5. with `seeds` > 1, repeats 3-4 per training seed; every metric gets a mean and a 95% interval
