@@ -63,7 +63,7 @@ class BaseSpec:
     vit_batch: int = 32
     vit_lr: float = 2e-3
     vit_pool: int = 2048  # scenes rendered once and cycled through (rendering per step cost most of the time)
-    vit_box_weight: float = 5.0
+    vit_box_weight: float = 1.0  # box loss vs the class losses: 0 -> no box in the features, 5 -> kind learnt slower (measured)
     box_format: str = "unit"  # how boxes are written in the scene descriptions and answers
     probe_vit_scenes: int = 400
     probe_llm_scenes: int = 60

@@ -54,7 +54,7 @@ class Scale:
 #: instead of unit's 21, worst rounding 1/64 of the side.
 DEMO_BOXES = "bins32"
 FULL = Scale(n_train_images=1500, n_eval_images=100, n_text_train=3000, n_text_eval=None,
-             bases=BaseSpec(box_format=DEMO_BOXES, vit_steps=1000, vit_lr=3e-3, vit_box_weight=1.0),
+             bases=BaseSpec(box_format=DEMO_BOXES, vit_steps=1000, vit_lr=3e-3),
              align_steps=60, tune_steps=240, batch_size=16)
 QUICK = Scale(n_train_images=200, n_eval_images=20, n_text_train=1200, n_text_eval=None,
               bases=replace(BaseSpec(box_format=DEMO_BOXES), llm_steps=240, n_scene_texts=800, vit_steps=60,
