@@ -114,7 +114,7 @@ def test_demo_real_track_end_to_end(real, tmp_path):
     scale = replace(REAL_QUICK, n_train_images=8, n_eval_images=2, align_steps=1, tune_steps=1, batch_size=2,
                     n_chat_prompts=3, n_bench_items=3, eval_batch=8)
     res = run_demo(str(tmp_path / "demo"), scale=scale, bases="real", only=["prefix"], chat=False, progress=False)
-    assert res["bases"] == "real" and res["scale"] == "custom"
+    assert res["track"] == "real" and res["scale"] == "custom"
     run, base = res["runs"]["prefix"], res["runs"]["text"]["metrics"]
     assert run["base_unchanged"] and run["trainable_params"] > 0
     m = run["metrics"]

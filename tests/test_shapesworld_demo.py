@@ -16,7 +16,8 @@ from frozenvl.shapesworld.demo import Scale, recipes, run_demo
 TINY = Scale(n_train_images=24, n_eval_images=4, n_text_train=200, n_text_eval=6,
              bases=replace(BaseSpec(), vocab_size=400, llm_hidden=32, llm_layers=2, llm_heads=2, llm_kv_heads=1,
                            llm_intermediate=64, llm_steps=4, n_scene_texts=40, vit_hidden=32, vit_layers=2,
-                           vit_heads=2, vit_steps=3, llm_batch=8, vit_batch=4),
+                           vit_heads=2, vit_steps=3, llm_batch=8, vit_batch=4, vit_pool=8,
+                           probe_vit_scenes=12, probe_llm_scenes=3),
              align_steps=2, tune_steps=2, batch_size=4, eval_batch=8)
 
 
@@ -39,6 +40,18 @@ def test_demo_smoke_at_tiny_scale(tmp_path):
     assert saved["runs"]["prefix"]["metrics"]["vqa_acc"]["mean"] == res["runs"]["prefix"]["metrics"]["vqa_acc"]["mean"]
     assert "timings" not in saved and "train_seconds" not in json.dumps(saved)
     assert res["findings"] and all(f["verdict"] == "not decided" for f in res["findings"])  # one seed decides nothing
+    # the bases' ceiling is measured and reported
+    vit, llm = res["bases"]["probes"]["vit"], res["bases"]["probes"]["llm"]
+    assert {"colour", "kind", "size", "count", "box_acc50"} <= set(vit) and all(0 <= vit[k] <= 1 for k in ("kind", "count"))
+    assert {"colour", "count", "exists", "box", "overall"} <= set(llm)
+    # zero-initialised gates are reported per seed; every run says what it trains
+    for name in ("adaption_prompt", "bind", "cross_attention"):
+        assert len(res["runs"][name]["gates"]) == 1 and res["runs"][name]["gates"][0] >= 0
+    assert "gates" not in res["runs"]["prefix"]
+    assert res["runs"]["mm"]["trained"] == ["adapter", "connector", "head"]
+    assert res["loss"] == {"loss_weighting": "sample"}
+    report = (tmp_path / "report.md").read_text()
+    assert "What the frozen bases know" in report and "What each workflow trains" in report
 
 
 def test_demo_two_seeds_intervals_verdicts_and_figures(tmp_path):
@@ -119,3 +132,25 @@ def test_majority_and_constant_box_baselines(tmp_path):
     (tmp_path / "none.json").write_text(json.dumps(train[5:6]))
     with pytest.raises(ValueError, match="no VQA training records"):
         majority_baseline(str(tmp_path / "none.json"), str(tmp_path / "eval.jsonl"))
+
+
+def test_recipes_are_data_driven(monkeypatch):
+    """A family joins with one FAMILY_RECIPES entry; a family without one gets the generic recipe."""
+    from frozenvl.shapesworld import demo
+
+    monkeypatch.setitem(demo.FAMILIES, "zz_new", object())
+    monkeypatch.setitem(demo.FAMILY_RECIPES, "zz_new", {
+        "workflow": lambda scale: {"depth": scale.bases.llm_layers},
+        "stages": [("one", ["a"], 1e-3, 0.25), ("two", ["a", "b"], {"a": 1e-3, "b": 1e-2}, 0.75)]})
+    monkeypatch.setitem(demo.FAMILIES, "zz_plain", object())
+    runs = {r.name: r for r in recipes(TINY)}
+    new = runs["zz_new"]
+    assert new.workflow == {"family": "zz_new", "select_layer": demo.VISION_LAYER, "depth": TINY.bases.llm_layers}
+    total = TINY.align_steps + TINY.tune_steps
+    assert [(st["name"], st["train"], st["steps"]) for st in new.stages] == [("one", ["a"], 1), ("two", ["a", "b"], total - 1)]
+    plain = runs["zz_plain"]
+    assert [(st["train"], st["steps"], st["lr"]) for st in plain.stages] == [(["*"], total, 1e-3)]
+    # gated families give their gates the first (higher) lr
+    for name in ("adaption_prompt", "bind", "cross_attention"):
+        st = runs[name].stages[-1]
+        assert isinstance(st["lr"], dict) and st["lr"][st["train"][0]] == 1e-2

@@ -229,6 +229,18 @@ def encode_document(
 # --------------------------------------------------------------------------- dataset
 
 
+def _weighting_keys(record: dict, sample_id: str) -> tuple[str | None, float]:
+    """A sample's optional ``task`` (a label of the data, e.g. "grounding") and ``loss_weight``
+    (a finite number > 0, default 1): what the trainer's loss weighting reads."""
+    task = record.get("task")
+    if task is not None and not isinstance(task, str):
+        raise sample_error(sample_id, f"'task' must be a string, got {task!r}", "bad_format")
+    weight = record.get("loss_weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+        raise sample_error(sample_id, f"'loss_weight' must be a finite number > 0, got {weight!r}", "bad_format")
+    return task, float(weight)
+
+
 class ConversationDataset(torch.utils.data.Dataset):
     """Tokenized LLaVA conversations and interleaved documents (``document`` records, see the module
     docstring), with lazily decoded images.
@@ -273,6 +285,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.image_paths: list[tuple[Path, ...]] = []
         self.lengths: list[int] = []
         self.has_image: list[bool] = []
+        # optional per-sample keys the trainer's loss weighting reads (docs/training.md)
+        self.tasks: list[str | None] = []
+        self.loss_weights: list[float] = []
         self.num_truncated = 0
         self._broken: set[int] = set()
         id_chunks: list[np.ndarray] = []
@@ -283,6 +298,7 @@ class ConversationDataset(torch.utils.data.Dataset):
             sample_id = str(record.get("id", index)) if isinstance(record, dict) else str(index)
             try:
                 enc, paths = self._encode(record, sample_id)
+                task, weight = _weighting_keys(record, sample_id)
             except SampleError as exc:
                 if exc.kind == "template" or on_bad_sample == "error":
                     raise self._located(exc, sample_id, index, where) from exc
@@ -294,6 +310,8 @@ class ConversationDataset(torch.utils.data.Dataset):
             self.image_paths.append(paths)
             self.lengths.append(len(enc.input_ids))
             self.has_image.append(bool(paths))
+            self.tasks.append(task)
+            self.loss_weights.append(weight)
             id_chunks.append(np.asarray(enc.input_ids, dtype=np.int64))
             label_chunks.append(np.asarray(enc.labels, dtype=np.int64))
 

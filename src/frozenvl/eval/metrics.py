@@ -21,7 +21,7 @@ import re
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 
-from ..data.boxes import box_iou, parse_boxes
+from ..data.boxes import BoxFormat, box_format, box_iou, parse_boxes
 
 __all__ = [
     "bleu",
@@ -112,29 +112,36 @@ def exact_match(pred: str, answer: str | Sequence[str]) -> float:
 
 # ----------------------------------------------------------------------------- grounding
 
+_box_format = box_format  # the parameter of grounding_scores shadows the function
 
-def _gt_box(gt_box: str | Sequence[float]) -> list[float]:
+
+def _gt_box(gt_box: str | Sequence[float], fmt: str | BoxFormat | None = None) -> list[float]:
+    """The ground truth as a 0-1 box: 4 numbers, or a string holding a box (in `fmt` when given)."""
     if isinstance(gt_box, str):
-        boxes = parse_boxes(gt_box)
+        boxes = box_format(fmt).parse(gt_box) if fmt is not None else parse_boxes(gt_box)
         if not boxes:
-            raise ValueError(f"no [x1,y1,x2,y2] box in the ground truth {gt_box!r}")
+            raise ValueError(f"no [x1,y1,x2,y2] box{f' in format {fmt!r}' if fmt else ''} in the ground truth {gt_box!r}")
         return boxes[0]
     values = list(gt_box)
     if len(values) == 1 and not isinstance(values[0], (int, float)):
-        return _gt_box(values[0])  # ["[..]"] or [[..]]
+        return _gt_box(values[0], fmt)  # ["[..]"] or [[..]]
     if len(values) != 4:
         raise ValueError(f"a ground truth box must be 4 numbers, got {gt_box!r}")
     return [float(v) for v in values]
 
 
-def grounding_scores(pred_text: str, gt_box: str | Sequence[float], threshold: float = 0.5) -> tuple[float, float]:
+def grounding_scores(pred_text: str, gt_box: str | Sequence[float], threshold: float = 0.5,
+                     box_format: str | BoxFormat | None = None) -> tuple[float, float]:
     """``(iou, hit)`` of the first ``[x1,y1,x2,y2]`` box in `pred_text` against `gt_box`.
 
-    `gt_box` is 4 numbers or a string holding a box. ``hit`` is 1.0 when ``iou >= threshold``
+    `gt_box` is 4 numbers (0-1) or a string holding a box. ``hit`` is 1.0 when ``iou >= threshold``
     (Acc@0.5 by default), else 0.0. A prediction without a (valid) box scores ``(0.0, 0.0)``.
+    `box_format` (:func:`frozenvl.data.boxes.box_format`: ``unit``, ``int1000``, ``bins32``...):
+    the format the model writes boxes in; then only well-formed boxes of that format count (a
+    ground-truth string is read in it too). None: any ``[a,b,c,d]`` of numbers, read as 0-1.
     """
-    gt = _gt_box(gt_box)
-    boxes = parse_boxes(pred_text)
+    gt = _gt_box(gt_box, box_format)
+    boxes = _box_format(box_format).parse(pred_text) if box_format is not None else parse_boxes(pred_text)
     if not boxes:
         return 0.0, 0.0
     try:

@@ -71,7 +71,7 @@ def _validate_item(raw: Any, where: str, base_dir: str | None) -> dict[str, Any]
     answer = item["answer"]
     if item["task"] == "grounding":
         try:
-            _gt_box(answer)
+            _gt_box(answer, item.get("box_format"))
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{where}: grounding 'answer' must be a [x1,y1,x2,y2] box ({exc})") from None
     elif isinstance(answer, list):
@@ -256,7 +256,7 @@ def _score(preds: list[dict[str, Any]]) -> dict[str, float]:
     if "grounding" in by_kind:
         ps = by_kind["grounding"]
         for p in ps:
-            p["iou"], p["score"] = grounding_scores(p["prediction"], p["answer"])
+            p["iou"], p["score"] = grounding_scores(p["prediction"], p["answer"], box_format=p.get("box_format"))
         metrics["grounding_acc50"] = _mean([p["score"] for p in ps])
         metrics["grounding_miou"] = _mean([p["iou"] for p in ps])
         per_qtype(ps, "grounding_acc50")
@@ -388,6 +388,8 @@ def evaluate(
             p["qtype"] = it["qtype"]
         if "image" in it:
             p["image"] = it["image"]
+        if it.get("box_format") is not None:  # how the model writes boxes (grounding scoring)
+            p["box_format"] = it["box_format"]
         preds.append(p)
     metrics = _score(preds)
     counts = dict(Counter(p["task"] for p in preds))

@@ -8,7 +8,10 @@
   shape covers it.
 
 Each is saved with `save_pretrained` and loaded back through the same path as hub models. Builds
-are cached under `root/<hash of the spec>` and reproducible from the seed.
+are cached under `root/bases-<hash of the spec>` (so `--seeds N` and reruns reuse them) and
+reproducible from the seed. Each build is probed once (cached with it): per-attribute linear probes
+on the ViT's patch features (:func:`probe_vit`) and the LLM's accuracy on scenes described in
+words (:func:`probe_llm`), the ceiling of every frozen-LLM workflow.
 """
 
 from __future__ import annotations
@@ -22,15 +25,16 @@ import random
 import shutil
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from ..data.boxes import format_box, to_square_box
+from ..data.boxes import box_format, box_iou, to_square_box
 from ..data.dataset import ConversationDataset, collate
 from ..tiny import build_llm, build_tokenizer
-from ..vision.images import ImagePreprocessor, expand_to_square
+from ..vision.images import ImagePreprocessor, expand_to_square, square_pad_offsets
 from . import tasks as sw_tasks
 from .world import COLOURS, KINDS, SIZES, sample_scene
 
@@ -58,30 +62,37 @@ class BaseSpec:
     vit_steps: int = 300
     vit_batch: int = 32
     vit_lr: float = 2e-3
+    vit_pool: int = 2048  # scenes rendered once and cycled through (rendering per step cost most of the time)
+    vit_box_weight: float = 1.0  # box loss vs the class losses: 0 -> no box in the features, 5 -> kind learnt slower (measured)
+    box_format: str = "unit"  # how boxes are written in the scene descriptions and answers
+    probe_vit_scenes: int = 400
+    probe_llm_scenes: int = 60
 
     def key(self) -> str:
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def describe_scene(scene) -> str:
-    """The scene in words, with each shape's box: what the text-only pretraining reads."""
+def describe_scene(scene, fmt: str | None = None) -> str:
+    """The scene in words, with each shape's box (in box format `fmt`): what the text-only
+    pretraining reads."""
+    f = box_format(fmt)
     return "; ".join(
-        f"a {s.size} {s.colour} {s.kind} at {format_box(to_square_box(s.bbox(), scene.width, scene.height))}"
+        f"a {s.size} {s.colour} {s.kind} at {f.render(to_square_box(s.bbox(), scene.width, scene.height))}"
         for s in sw_tasks.canonical_order(scene)
     )
 
 
-def scene_text_records(n: int, seed: int) -> list[dict]:
+def scene_text_records(n: int, seed: int, fmt: str | None = None) -> list[dict]:
     """Text-only chats about described scenes (vqa, caption and grounding questions)."""
     rng = random.Random(f"shapesworld:{seed}:scene-texts")
     out = []
     while len(out) < n:
         scene = sample_scene(rng)
-        desc = describe_scene(scene)
-        for item in sw_tasks.image_items(scene, rng):
+        desc = describe_scene(scene, fmt)
+        for item in sw_tasks.image_items(scene, rng, fmt=fmt):
             out.append({
-                "id": f"scene-text-{len(out)}",
+                "id": f"scene-text-{len(out)}", "task": f"scene-{item['task']}",
                 "conversations": [
                     {"from": "human", "value": SCENE_PROMPT.format(desc, item["question"])},
                     {"from": "gpt", "value": item["answer"]},
@@ -103,7 +114,7 @@ def build_bases(root: str | os.PathLike, data_dir: str | os.PathLike, spec: Base
     os.makedirs(home)
     from .writer import corpus
 
-    scene_texts = scene_text_records(spec.n_scene_texts, spec.seed)
+    scene_texts = scene_text_records(spec.n_scene_texts, spec.seed, spec.box_format)
     texts = corpus(data_dir) + [t["value"] for r in scene_texts for t in r["conversations"]]
     tok_dir = os.path.join(home, "tokenizer")
     build_tokenizer(tok_dir, template="chatml", vocab_size=spec.vocab_size, corpus=texts)
@@ -117,9 +128,18 @@ def build_bases(root: str | os.PathLike, data_dir: str | os.PathLike, spec: Base
         json.dump(records, f)
     llm_stats = pretrain_llm(llm_dir, pretrain_path, spec, progress)
     vit_stats = pretrain_vit(vision_dir, spec, progress)
+    probes = {"vit": probe_vit(vision_dir, spec, spec.probe_vit_scenes),
+              "llm": probe_llm(llm_dir, spec, spec.probe_llm_scenes)}
     with open(marker, "w") as f:
-        json.dump({"spec": dataclasses.asdict(spec), "llm": llm_stats, "vit": vit_stats}, f, indent=1)
+        json.dump({"spec": dataclasses.asdict(spec), "llm": llm_stats, "vit": vit_stats, "probes": probes}, f,
+                  indent=1)
     return llm_dir, vision_dir
+
+
+def base_info(llm_dir: str) -> dict:
+    """What build_bases recorded for these bases: spec, pretraining stats and the probes."""
+    with open(os.path.join(os.path.dirname(llm_dir), "done.json")) as f:
+        return json.load(f)
 
 
 def _cosine(step: int, total: int, warmup: int) -> float:
@@ -129,7 +149,8 @@ def _cosine(step: int, total: int, warmup: int) -> float:
 
 
 def pretrain_llm(llm_dir: str, data_path: str, spec: BaseSpec, progress: bool = True) -> dict:
-    """Plain causal-LM pretraining on chat data, loss on assistant tokens only."""
+    """Plain causal-LM pretraining on chat data, loss on assistant tokens only, averaged per
+    sample (each answer weighs alike: a box answer's many tokens do not drown one-word answers)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(spec.seed)
@@ -150,8 +171,11 @@ def pretrain_llm(llm_dir: str, data_path: str, spec: BaseSpec, progress: bool = 
         for group in opt.param_groups:
             group["lr"] = spec.llm_lr * _cosine(step, spec.llm_steps, spec.llm_steps // 20)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
-                               ignore_index=-100)
+        labels = batch["labels"][:, 1:]
+        ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                             reduction="none").view_as(labels)
+        mask = (labels != -100).float()
+        loss = ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -163,29 +187,82 @@ def pretrain_llm(llm_dir: str, data_path: str, spec: BaseSpec, progress: bool = 
     return {"steps": spec.llm_steps, "first_loss": losses[0], "final_loss": sum(losses[-20:]) / len(losses[-20:])}
 
 
+@torch.no_grad()
+def probe_llm(llm_dir: str, spec: BaseSpec, n_scenes: int = 60, batch: int = 64) -> dict[str, float]:
+    """The LLM's VQA accuracy per question type, and its grounding Acc@0.5 (``box``: copying the
+    box out of the description, in the spec's box format), on fresh scenes *described in words*
+    (greedy answers): the ceiling of any workflow that keeps this LLM frozen."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..eval import grounding_scores, vqa_accuracy
+
+    tok = AutoTokenizer.from_pretrained(llm_dir)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(llm_dir).eval()
+    rng = random.Random(f"shapesworld:{spec.seed}:llm-probe")
+    items = []
+    for _ in range(n_scenes):
+        scene = sample_scene(rng)
+        desc = describe_scene(scene, spec.box_format)
+        items += [(it["qtype"], SCENE_PROMPT.format(desc, it["question"]), it["answer"])
+                  for it in sw_tasks.vqa_items(scene, rng) + sw_tasks.grounding_items(scene, spec.box_format)]
+    scores: dict[str, list[float]] = {}
+    for i in range(0, len(items), batch):
+        chunk = items[i : i + batch]
+        prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+                   for _, q, _ in chunk]
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        out = model.generate(**enc, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
+        for (qtype, _, answer), ids in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
+            text = tok.decode(ids, skip_special_tokens=True)
+            score = (grounding_scores(text, answer, box_format=spec.box_format)[1] if qtype == "box"
+                     else vqa_accuracy(text, answer))
+            scores.setdefault(qtype, []).append(score)
+    result = {q: sum(v) / len(v) for q, v in sorted(scores.items())}
+    vqa = [v for q, vs in scores.items() if q != "box" for v in vs]
+    result["overall"] = sum(vqa) / len(vqa)  # VQA only; "box" is grounding
+    return result
+
+
 # ------------------------------------------------------------------------------------ the ViT
 CLASSES = [(c, k) for c in COLOURS for k in KINDS]  # patch label = 1 + index; 0 = background
+#: a patch is labelled with the shape covering most of it, if that shape covers this share of it
+MIN_COVER = 0.15
 
 
-def _label_maps(scene, side: int) -> tuple[Image.Image, Image.Image]:
-    """Per-pixel class and size maps drawn with the same geometry as the image, padded to square."""
-    cls = Image.new("L", (scene.width, scene.height), 0)
-    size = Image.new("L", (scene.width, scene.height), 0)
-    dc, ds = ImageDraw.Draw(cls), ImageDraw.Draw(size)
-    for s in scene.shapes:
+def _index_map(scene, side: int) -> np.ndarray:
+    """(side, side) map of 1 + the index of the shape under each pixel (0: background), drawn
+    with the image's own geometry, padded to the square and resized like the image."""
+    m = Image.new("L", (scene.width, scene.height), 0)
+    draw = ImageDraw.Draw(m)
+    for i, s in enumerate(scene.shapes):
         x1, y1, x2, y2 = s.bbox()
-        for draw, value in ((dc, 1 + CLASSES.index((s.colour, s.kind))), (ds, 1 + SIZES.index(s.size))):
-            if s.kind == "square":
-                draw.rectangle([x1, y1, x2, y2], fill=value)
-            elif s.kind == "circle":
-                draw.ellipse([x1, y1, x2, y2], fill=value)
-            else:
-                draw.polygon([(s.cx, y1), (x1, y2), (x2, y2)], fill=value)
-    out = []
-    for m in (cls, size):
-        m = expand_to_square(m.convert("RGB"), (0, 0, 0)).convert("L")
-        out.append(m.resize((side, side), Image.NEAREST))
-    return out[0], out[1]
+        if s.kind == "square":
+            draw.rectangle([x1, y1, x2, y2], fill=i + 1)
+        elif s.kind == "circle":
+            draw.ellipse([x1, y1, x2, y2], fill=i + 1)
+        else:
+            draw.polygon([(s.cx, y1), (x1, y2), (x2, y2)], fill=i + 1)
+    m = expand_to_square(m.convert("RGB"), (0, 0, 0)).convert("L")
+    return np.asarray(m.resize((side, side), Image.NEAREST))
+
+
+def patch_targets(scene, image: int, patch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per patch: (colour, kind) class (0 = background), size class (0 = background) and the
+    covering shape's box on the padded square in 0-1 (zeros on background patches)."""
+    grid = image // patch
+    idx = _index_map(scene, image).reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+    cls = np.zeros(grid * grid, np.int64)
+    size = np.zeros(grid * grid, np.int64)
+    box = np.zeros((grid * grid, 4), np.float32)
+    for i, s in enumerate(scene.shapes):
+        cover = (idx == i + 1).mean(1)
+        others = np.stack([(idx == j + 1).mean(1) for j in range(len(scene.shapes))], 1).max(1)
+        mine = (cover >= MIN_COVER) & (cover >= others)
+        cls[mine] = 1 + CLASSES.index((s.colour, s.kind))
+        size[mine] = 1 + SIZES.index(s.size)
+        box[mine] = to_square_box(s.bbox(), scene.width, scene.height)
+    return cls, size, box
 
 
 class _PatchHeads(torch.nn.Module):
@@ -193,10 +270,27 @@ class _PatchHeads(torch.nn.Module):
         super().__init__()
         self.cls = torch.nn.Linear(hidden, 1 + len(CLASSES))
         self.size = torch.nn.Linear(hidden, 1 + len(SIZES))
+        self.box = torch.nn.Linear(hidden, 4)
+
+
+def _vit_preprocessor(spec: BaseSpec) -> ImagePreprocessor:
+    return ImagePreprocessor(size=(spec.vit_image, spec.vit_image), image_mean=(0.5, 0.5, 0.5),
+                             image_std=(0.5, 0.5, 0.5), mode="pad")
+
+
+def _scene_pool(n: int, rng: random.Random, spec: BaseSpec) -> tuple[list, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`n` scenes rendered once: (scenes, pixels, class, size and box targets per patch)."""
+    pre = _vit_preprocessor(spec)
+    scenes = [sample_scene(rng) for _ in range(n)]
+    pixels = torch.cat([pre([s.render() for s in scenes[i : i + 256]]) for i in range(0, n, 256)])
+    targets = [patch_targets(s, spec.vit_image, spec.vit_patch) for s in scenes]
+    cls, size, box = (torch.from_numpy(np.stack([t[k] for t in targets])) for k in range(3))
+    return scenes, pixels, cls, size, box
 
 
 def pretrain_vit(vision_dir: str, spec: BaseSpec, progress: bool = True) -> dict:
-    """Train a tiny CLIP vision tower to label every patch with the (colour, kind) and size under it."""
+    """Train a tiny CLIP vision tower to tell, for every patch, the (colour, kind) and size of the
+    shape covering it and that shape's box: so its patch features say what and where each shape is."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(spec.seed)
@@ -205,36 +299,33 @@ def pretrain_vit(vision_dir: str, spec: BaseSpec, progress: bool = True) -> dict
                            num_attention_heads=spec.vit_heads)
     vit = CLIPVisionModel(cfg)
     heads = _PatchHeads(spec.vit_hidden)
-    pre = ImagePreprocessor(size=(spec.vit_image, spec.vit_image), image_mean=(0.5, 0.5, 0.5),
-                            image_std=(0.5, 0.5, 0.5), mode="pad")
-    grid = spec.vit_image // spec.vit_patch
-    centres = [spec.vit_patch // 2 + spec.vit_patch * i for i in range(grid)]
     rng = random.Random(f"shapesworld:{spec.seed}:vit")
+    _, pixels, cls_all, size_all, box_all = _scene_pool(spec.vit_pool, rng, spec)
     params = list(vit.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=spec.vit_lr, weight_decay=0.01)
+    g = torch.Generator().manual_seed(spec.seed)
+    order: list[int] = []
     vit.train()
     accs = []
     bar = tqdm(range(spec.vit_steps), desc="pretrain ViT", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        scenes = [sample_scene(rng) for _ in range(spec.vit_batch)]
-        pixels = pre([s.render() for s in scenes])
-        cls_t, size_t = [], []
-        for s in scenes:
-            cm, sm = _label_maps(s, spec.vit_image)
-            cls_t.append([cm.getpixel((x, y)) for y in centres for x in centres])
-            size_t.append([sm.getpixel((x, y)) for y in centres for x in centres])
-        cls_t, size_t = torch.tensor(cls_t), torch.tensor(size_t)
+        if len(order) < spec.vit_batch:
+            order += torch.randperm(len(pixels), generator=g).tolist()
+        idx, order = order[: spec.vit_batch], order[spec.vit_batch :]
+        cls_t, size_t, box_t = cls_all[idx], size_all[idx], box_all[idx]
         for group in opt.param_groups:
             group["lr"] = spec.vit_lr * _cosine(step, spec.vit_steps, spec.vit_steps // 20)
-        feats = vit(pixel_values=pixels).last_hidden_state[:, 1:]
+        feats = vit(pixel_values=pixels[idx]).last_hidden_state[:, 1:]
         lc, ls = heads.cls(feats), heads.size(feats)
+        fg = cls_t > 0
         loss = F.cross_entropy(lc.reshape(-1, lc.shape[-1]), cls_t.reshape(-1)) + F.cross_entropy(
             ls.reshape(-1, ls.shape[-1]), size_t.reshape(-1))
+        if fg.any():
+            loss = loss + spec.vit_box_weight * F.smooth_l1_loss(heads.box(feats)[fg], box_t[fg], beta=0.02)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        fg = cls_t > 0
         accs.append(float((lc.argmax(-1)[fg] == cls_t[fg]).float().mean()) if fg.any() else 0.0)
         bar.set_postfix(loss=f"{loss.item():.3f}", fg_acc=f"{accs[-1]:.2f}")
     vit.eval()
@@ -244,3 +335,59 @@ def pretrain_vit(vision_dir: str, spec: BaseSpec, progress: bool = True) -> dict
                    "image_std": [0.5] * 3, "resample": 3, "rescale_factor": 1 / 255,
                    "image_processor_type": "CLIPImageProcessor"}, f, indent=1)
     return {"steps": spec.vit_steps, "foreground_patch_acc": sum(accs[-20:]) / len(accs[-20:])}
+
+
+# ------------------------------------------------------------------------------------ probes
+
+
+def _ridge(x: torch.Tensor, y: torch.Tensor, lam: float = 1e-2) -> torch.Tensor:
+    """Least-squares linear map (with bias) from x to y: a linear probe in closed form."""
+    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    eye = torch.eye(x.shape[1], dtype=x.dtype)
+    eye[-1, -1] = 0
+    return torch.linalg.solve(x.T @ x + lam * len(x) * eye, x.T @ y)
+
+
+def _apply(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1) @ w
+
+
+@torch.no_grad()
+def probe_vit(vision_dir: str, spec: BaseSpec, n_scenes: int = 400, layer: int = -1) -> dict[str, float]:
+    """Linear probes of what the questions ask, on fresh scenes (fit on 70%, scored on 30%):
+    per shape, from the feature of the patch under its centre: colour, kind, size and its box
+    (Acc@0.5 of the linearly read box); per image, from the mean patch feature: the count."""
+    from transformers import CLIPVisionModel
+
+    vit = CLIPVisionModel.from_pretrained(vision_dir).eval()
+    scenes, pixels, *_ = _scene_pool(n_scenes, random.Random(f"shapesworld:{spec.seed}:vit-probe"), spec)
+    feats = torch.cat([vit(pixel_values=pixels[i : i + 128], output_hidden_states=True).hidden_states[layer][:, 1:]
+                       for i in range(0, len(pixels), 128)]).double()
+    grid = spec.vit_image // spec.vit_patch
+    rows = []  # (scene index, feature, colour, kind, size, box)
+    for k, sc in enumerate(scenes):
+        side, left, top = square_pad_offsets(sc.width, sc.height)
+        for s in sc.shapes:
+            px = min(grid - 1, int((s.cx + left + 0.5) / side * grid))
+            py = min(grid - 1, int((s.cy + top + 0.5) / side * grid))
+            rows.append((k, feats[k, py * grid + px], list(COLOURS).index(s.colour), KINDS.index(s.kind),
+                         SIZES.index(s.size), to_square_box(s.bbox(), sc.width, sc.height)))
+    split = int(0.7 * n_scenes)
+    fit = [r for r in rows if r[0] < split]
+    test = [r for r in rows if r[0] >= split]
+    x_fit, x_test = torch.stack([r[1] for r in fit]), torch.stack([r[1] for r in test])
+    out: dict[str, float] = {}
+    for name, col, n_cls in (("colour", 2, len(COLOURS)), ("kind", 3, len(KINDS)), ("size", 4, len(SIZES))):
+        y = F.one_hot(torch.tensor([r[col] for r in fit]), n_cls).double()
+        pred = _apply(_ridge(x_fit, y), x_test).argmax(1)
+        out[name] = float((pred == torch.tensor([r[col] for r in test])).double().mean())
+    w = _ridge(x_fit, torch.tensor([r[5] for r in fit], dtype=torch.float64))
+    boxes = _apply(w, x_test).tolist()
+    out["box_acc50"] = sum(box_iou(b, r[5]) >= 0.5 for b, r in zip(boxes, test)) / len(test)
+    pooled = feats.mean(1)
+    counts = torch.tensor([len(sc.shapes) for sc in scenes])
+    y = F.one_hot(counts - 1, 4).double()
+    pred = _apply(_ridge(pooled[:split], y[:split]), pooled[split:]).argmax(1) + 1
+    out["count"] = float((pred == counts[split:]).double().mean())
+    out["n_shapes_scored"] = len(test)
+    return out

@@ -4,7 +4,9 @@
 2. builds the tiny bases (tokenizer, LLM pretrained on text tasks, ViT) — cached;
 3. trains one workflow per family with the training engine, on the one frozen base: `prefix`
    (LLM frozen), `prefix` with `llm_train: full` (the LLaVA baseline that fine-tunes the LLM),
-   `inner_adaptor` `mm` and `g` (IAA), and every other registered family with a generic recipe;
+   `inner_adaptor` `mm` and `g` (IAA), and every other registered family with its entry of
+   FAMILY_RECIPES (or the generic recipe); every run weighs each sample alike (LOSS), and boxes
+   are written in DEMO_BOXES (bins32);
 4. evaluates VQA, grounding, captions and text tasks, and compares every workflow's text answers
    with the base LLM's, as deployed (text_fallback on) and on the workflow's own path (off);
 5. with `seeds` > 1, repeats 3-4 per training seed; every metric gets a mean and a 95% interval
@@ -31,7 +33,7 @@ from typing import Any
 from ..eval.verdicts import Finding, Scores, beats, estimate, learns_to_see, text_kept
 from ..families import FAMILIES
 from . import real
-from .bases import BaseSpec, build_bases
+from .bases import BaseSpec, base_info, build_bases
 
 VISION_LAYER = -1  # the tiny ViT's patch heads were trained on its last layer
 
@@ -53,10 +55,15 @@ class Scale:
     n_bench_items: int | None = None
 
 
+#: The demo's boxes: a coarse fixed-width grid (docs/training.md, "Box formats"): 13 answer tokens
+#: instead of unit's 21, worst rounding 1/64 of the side.
+DEMO_BOXES = "bins32"
 FULL = Scale(n_train_images=1500, n_eval_images=100, n_text_train=3000, n_text_eval=None,
-             bases=BaseSpec(), align_steps=60, tune_steps=240, batch_size=16)
+             bases=BaseSpec(box_format=DEMO_BOXES, vit_steps=1000, vit_lr=3e-3),
+             align_steps=60, tune_steps=240, batch_size=16)
 QUICK = Scale(n_train_images=200, n_eval_images=20, n_text_train=1200, n_text_eval=None,
-              bases=replace(BaseSpec(), llm_steps=240, n_scene_texts=800, vit_steps=60),
+              bases=replace(BaseSpec(box_format=DEMO_BOXES), llm_steps=240, n_scene_texts=800, vit_steps=60,
+                            vit_pool=512, probe_vit_scenes=200, probe_llm_scenes=20),
               align_steps=10, tune_steps=30, batch_size=16)
 # The real track (SmolLM2-135M-Instruct + DINOv2-S/14): a training step costs ~20x the tiny one on
 # a CPU, so fewer, smaller steps; timings in docs/real_bases.md.
@@ -81,8 +88,41 @@ class Run:
     evals: list[str] = field(default_factory=lambda: ["vqa", "grounding", "caption"])
 
 
+#: Loss weighting of every demo run (docs/training.md): each answer weighs alike, so the grounding
+#: answers' many box tokens do not drown the one-word question types.
+LOSS = {"loss_weighting": "sample"}
+
+#: Per family beyond prefix / inner_adaptor: the options that fit the tiny base and the stages, each
+#: ``(name, train, lr, share of the step budget)``. A family without an entry gets GENERIC; a new
+#: family (wings, visual_experts...) joins the demo with one entry here.
+#: Zero-initialised gates get 10x the lr of the rest (first entry wins in the trainer), so that they
+#: open within the few hundred steps the demo has; these lrs were chosen, not swept.
+FAMILY_RECIPES: dict[str, dict[str, Any]] = {
+    "adaption_prompt": {
+        "workflow": lambda scale: {"adapter_layers": scale.bases.llm_layers},
+        "stages": [("align", ["connector"], 2e-3, 0.2),
+                   ("tune", ["gate", "connector", "prompt"], {"gate": 1e-2, "connector": 1e-3, "prompt": 1e-3}, 0.8)],
+    },
+    "bind": {
+        "workflow": lambda scale: {},
+        "stages": [("tune", ["gate", "*"], {"gate": 1e-2, "*": 1e-3}, 1.0)],
+    },
+    "cross_attention": {
+        "workflow": lambda scale: {"every": 1, "resampler_depth": 2},
+        "stages": [("tune", ["*_gate", "*"], {"*_gate": 1e-2, "*": 1e-3}, 1.0)],
+    },
+}
+FAMILY_RECIPES["visual_experts"] = {
+    # the monolithic embedding at the scenes' own scale: 8-px patches of a 64-px view, 16 tokens (+ <img>, </img>)
+    "workflow": lambda scale: {"connector": "monolithic:size=64,patch=8"},
+    "stages": [("tune", ["*"], 1e-3, 1.0)],
+}
+GENERIC: dict[str, Any] = {"workflow": lambda scale: {}, "stages": [("tune", ["*"], 1e-3, 1.0)]}
+
+
 def recipes(scale: Scale) -> list[Run]:
-    """The demo's runs: the seeds' comparison, then every other family with a generic recipe."""
+    """The demo's runs: the seeds' comparison, then every other registered family with its entry
+    of FAMILY_RECIPES (or GENERIC)."""
     bs = scale.batch_size
 
     def stage(name, train, lr, steps):
@@ -105,18 +145,26 @@ def recipes(scale: Scale) -> list[Run]:
             evals=["grounding"]),
     ]
     covered = {"prefix", "inner_adaptor"}
-    # Family options that must fit the tiny base; anything else takes the family's defaults.
-    fit = {
-        "adaption_prompt": {"adapter_layers": scale.bases.llm_layers},
-        "cross_attention": {"every": 1, "resampler_depth": 2},
-    }
+    total = scale.align_steps + scale.tune_steps
     for family in sorted(FAMILIES):
-        if family not in covered:  # families added later join with a generic recipe
-            wf = {"family": family, "select_layer": VISION_LAYER, **fit.get(family, {})}
-            # one stage over all the family's parts (not every family has a separate connector)
-            steps = scale.align_steps + scale.tune_steps
-            runs.append(Run(family, family, wf, "train_mixed.json", [stage("tune", ["*"], 1e-3, steps)]))
+        if family in covered:
+            continue
+        recipe = FAMILY_RECIPES.get(family, GENERIC)
+        wf = {"family": family, "select_layer": VISION_LAYER, **recipe["workflow"](scale)}
+        stages, used = [], 0
+        for k, (name, train, lr, share) in enumerate(recipe["stages"]):
+            steps = total - used if k == len(recipe["stages"]) - 1 else max(1, round(share * total))
+            used += steps
+            stages.append(stage(name, train, lr, steps))
+        runs.append(Run(family, family, wf, "train_mixed.json", stages))
     return runs
+
+
+def gate_values(family_module) -> dict[str, float]:
+    """Every gate tensor of a trained workflow (parameters named ``*gate*``) as its mean |value|:
+    zero-initialised gates that stay near 0 mean the workflow never used the image."""
+    return {n: float(p.detach().abs().float().mean()) for n, p in family_module.named_parameters()
+            if "gate" in n.rsplit(".", 1)[-1] or n.split(".")[0] == "gate"}
 
 
 def _data(out: str, scale: Scale, seed: int) -> str:
@@ -124,12 +172,13 @@ def _data(out: str, scale: Scale, seed: int) -> str:
 
     data_dir = os.path.join(out, "data")
     want = {"seed": seed, "n_train_images": scale.n_train_images, "n_eval_images": scale.n_eval_images,
-            "n_text_train": scale.n_text_train}
+            "n_text_train": scale.n_text_train, "box_format": scale.bases.box_format}
     stamp = os.path.join(data_dir, "demo_params.json")
     if os.path.isfile(stamp) and json.load(open(stamp)) == want:
         return data_dir
     generate(data_dir, seed=seed, n_train_images=scale.n_train_images, n_eval_images=scale.n_eval_images,
-             n_text_train=scale.n_text_train, n_text_eval=scale.n_text_eval, overwrite=True)
+             n_text_train=scale.n_text_train, n_text_eval=scale.n_text_eval, overwrite=True,
+             box_format=scale.bases.box_format)
     _seen_text_eval(data_dir, seed)
     with open(stamp, "w") as f:
         json.dump(want, f)
@@ -220,7 +269,7 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, seeds
                 "llm": llm_dir, "vision": vision_dir, "output_dir": run_dir,
                 "workflow": {"name": run.name, **run.workflow},
                 "data": {"train": os.path.join(data_dir, run.data), "max_length": 256},
-                "stages": run.stages, "seed": s, "save_every": 0, "keep_last": 1, "log_every": 1,
+                "stages": run.stages, "seed": s, "save_every": 0, "keep_last": 1, "log_every": 1, **LOSS,
             })
             say(f"== training {run.label} on {run.data}, seed {s}", flush=True)
             res = train(cfg, show_progress=bars)
@@ -248,11 +297,14 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, seeds
     base_text, _ = _eval(model, text_items, "text", "text", eval_kw)
     preds: dict[int, dict[str, dict[str, list[dict[str, Any]]]]] = {}
     bleu: dict[str, list[float]] = {}  # corpus BLEU-4 per seed: no per-item scores exist for it
+    gates: dict[str, list[dict[str, float]]] = {}  # per run, per seed: every gate's mean |value|
     for s in train_seeds:
         say(f"== evaluating seed {s}", flush=True)
         preds[s] = {}
         for run in runs:
             model.load_workflow(_run_dir(out, s, run.name), run.name)
+            if found := gate_values(model.workflow(run.name)):
+                gates.setdefault(run.name, []).append(found)
         for run in runs:
             got = preds[s][run.name] = {}
             for kind in run.evals:
@@ -270,14 +322,19 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, seeds
 
     majority = majority_baseline(os.path.join(data_dir, "train_mixed.json"), os.path.join(data_dir, "eval_vqa.jsonl"))
     box = constant_box_baseline(os.path.join(data_dir, "train_grounding.json"),
-                                os.path.join(data_dir, "eval_grounding.jsonl"))
+                                os.path.join(data_dir, "eval_grounding.jsonl"), scale.bases.box_format)
     scores = collect_scores(preds, base_text, base_preds if real_track else None)
     results: dict[str, Any] = {
-        "bases": bases, "scale": label, "seeds": train_seeds, "data_seed": data_seed, "interval": INTERVAL_NOTE,
+        "track": bases, "scale": label, "seeds": train_seeds, "data_seed": data_seed, "interval": INTERVAL_NOTE,
         "baselines": {"majority": {"answers": majority["answers"],
                                    "metrics": {k: estimate(v).to_dict() for k, v in majority["scores"].items()}},
                       "constant_box": {"box": box["box"],
                                        "metrics": {k: estimate(v).to_dict() for k, v in box["scores"].items()}}},
+        "box_format": scale.bases.box_format, "loss": LOSS,
+        # what the tiny bases know (their probes); the real bases come with their provenance instead
+        "bases": ({"spec": base_info(llm_dir)["spec"], "probes": base_info(llm_dir)["probes"]} if not real_track
+                  else {"llm": llm_dir, "vision": vision_dir, "provenance": os.path.join(os.path.dirname(llm_dir),
+                                                                                         "provenance.json")}),
         "runs": {},
     }
     results["runs"]["text"] = {"label": "base LLM (text workflow)", "family": "base LLM",
@@ -289,8 +346,13 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, seeds
             "trainable_params": model.info()["workflows"][run.name]["trainable_params"],
             "steps": res[0].steps, "base_unchanged": all(r.base_unchanged for r in res),
             "skipped": res[0].skipped, "final_loss": [r.final_loss for r in res],
+            "trained": sorted({t for st in run.stages for t in st["train"]}),
+            "stages": [{k: st[k] for k in ("name", "train", "lr", "steps")} for st in run.stages],
             "metrics": {k: estimate(v).to_dict() for k, v in scores[run.name].items()},
         }
+        if run.name in gates:  # mean |gate| over the gate tensors, per seed
+            row["gates"] = [statistics.fmean(g.values()) for g in gates[run.name]]
+            row["gates_max"] = [max(g.values()) for g in gates[run.name]]
         if run.name in bleu:  # a corpus-level metric: the seed part of the interval only
             row["metrics"]["caption_bleu4"] = estimate(bleu[run.name]).to_dict()
     found = findings(runs, scores, majority["scores"], box["scores"])
@@ -452,21 +514,22 @@ def majority_baseline(train_path: str, eval_path: str) -> dict[str, Any]:
     return {"answers": answers, "scores": scores}
 
 
-def constant_box_baseline(train_path: str, eval_path: str) -> dict[str, Any]:
+def constant_box_baseline(train_path: str, eval_path: str, fmt: str = "unit") -> dict[str, Any]:
     """Grounding's chance level: one box for every question, the coordinate-wise median of the
-    training boxes, scored on the eval items (seed-free)."""
-    from ..data.boxes import format_box, parse_boxes
+    training boxes (written in box format `fmt`), scored on the eval items (seed-free)."""
+    from ..data.boxes import box_format
     from ..eval import grounding_scores, read_eval_file
 
+    f_ = box_format(fmt)
     with open(train_path) as f:
-        boxes = [b[0] for r in json.load(f) if (b := parse_boxes(r["conversations"][1]["value"]))]
+        boxes = [b[0] for r in json.load(f) if (b := f_.parse(r["conversations"][1]["value"]))]
     if not boxes:
         raise ValueError(f"{train_path}: no boxes in the grounding training answers")
     box = [statistics.median(b[i] for b in boxes) for i in range(4)]
     items = sorted(read_eval_file(eval_path), key=lambda it: it["id"])
     hits, ious = [], []
     for it in items:
-        iou, hit = grounding_scores(format_box(box), it["answer"])
+        iou, hit = grounding_scores(f_.render(box), it["answer"], box_format=fmt)
         hits.append(hit)
         ious.append(iou)
     return {"box": box, "scores": {"grounding_acc50": Scores.of([hits], seed_free=True, bounds=(0, 1)),

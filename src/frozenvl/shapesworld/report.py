@@ -204,7 +204,7 @@ def example_scenes(preds: dict[str, dict[str, list[dict[str, Any]]]], n: int = 3
 def _examples(path: str, out: str, preds: dict[str, dict[str, list[dict[str, Any]]]], colours: dict[str, Any]) -> bool:
     from PIL import Image
 
-    from ..data.boxes import parse_boxes
+    from ..data.boxes import box_format
     from ..eval import normalize_answer
     from ..vision.images import square_pad_offsets
 
@@ -221,8 +221,10 @@ def _examples(path: str, out: str, preds: dict[str, dict[str, list[dict[str, Any
         side, left, top = square_pad_offsets(w, h)
         ax.imshow(img, interpolation="nearest")
 
+        fmt = box_format(scene["grounding"]["item"].get("box_format"))  # how the eval items write boxes
+
         def draw(box_text: str, colour, style: str, width: float) -> bool:
-            boxes = parse_boxes(box_text)
+            boxes = fmt.parse(box_text)
             if not boxes:
                 return False
             x1, y1, x2, y2 = (v * side for v in boxes[0])
@@ -265,6 +267,44 @@ def _fmt(key: str, est: dict[str, Any] | None) -> str:
     from .demo import fmt
 
     return fmt(key, est)
+
+
+def _bases_section(results: dict[str, Any]) -> list[str]:
+    """The ceiling every frozen-LLM workflow works under: what the ViT's features and the LLM know."""
+    probes = results.get("bases", {}).get("probes")
+    if not probes:
+        return []
+    vit, llm = probes["vit"], probes["llm"]
+    keys = [k for k in ("colour", "kind", "size", "count", "box_acc50") if k in vit]
+    qtypes = [k for k in llm if k != "overall"]
+    return ["", "## What the frozen bases know (the ceiling)", "",
+            f"Linear probes on the ViT's patch features, on {vit.get('n_shapes_scored', '?')} shapes of fresh scenes "
+            "(colour, kind, size and box from the patch under each shape's centre, box as Acc@0.5 of the linearly "
+            "read box; count from the mean patch feature):", "",
+            "| " + " | ".join(keys) + " |", "|" + "---:|" * len(keys),
+            "| " + " | ".join(f"{100 * vit[k]:.1f}%" for k in keys) + " |", "",
+            "The base LLM's VQA accuracy on fresh scenes *described in words* (its pretraining format): no "
+            "workflow that keeps this LLM frozen can be expected to beat it.", "",
+            "| " + " | ".join([*("grounding Acc@0.5" if q == "box" else q for q in qtypes), "VQA overall"]) + " |",
+            "|" + "---:|" * (len(qtypes) + 1),
+            "| " + " | ".join(f"{100 * llm[k]:.1f}%" for k in [*qtypes, "overall"]) + " |"]
+
+
+def _families_section(results: dict[str, Any]) -> list[str]:
+    """Per workflow: what its stages train, how many parameters, and where its gates ended."""
+    lines = ["", "## What each workflow trains", "",
+             f"Loss weighting: `{results.get('loss', {})}`; box format `{results.get('box_format', 'unit')}`.", "",
+             "| workflow | stages (train: lr, steps) | trainable params | gates mean abs (max), per seed |",
+             "|---|---|---:|---|"]
+    for name, row in results["runs"].items():
+        if "stages" not in row:
+            continue
+        stages = "; ".join(f"{st['name']}: {'+'.join(st['train'])} @ {st['lr']}, {st['steps']}" for st in row["stages"])
+        gates = "-"
+        if "gates" in row:
+            gates = ", ".join(f"{g:.3f} ({m:.3f})" for g, m in zip(row["gates"], row["gates_max"]))
+        lines.append(f"| {name} | {stages} | {row['trainable_params']:,} | {gates} |")
+    return lines
 
 
 def write_report(out: str, results: dict[str, Any], preds: dict[str, dict[str, list[dict[str, Any]]]],
@@ -313,6 +353,7 @@ def write_report(out: str, results: dict[str, Any], preds: dict[str, dict[str, l
         if "vqa_acc" in row["metrics"]:
             lines.append(f"| {name} | " + " | ".join(_fmt("vqa", row["metrics"].get(f"vqa_acc/{q}")) for q in qtypes)
                          + f" | {_fmt('vqa', row['metrics']['vqa_acc'])} |")
+    lines += _bases_section(results) + _families_section(results)
     lines += ["", "The majority baseline answers every question of a type with that type's most common training "
               "answer; \"learned\" means an interval above the baseline's interval. The median box answers every "
               "grounding question with the coordinate-wise median of the training boxes.", "",

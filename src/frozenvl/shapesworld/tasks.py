@@ -48,7 +48,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from ..data.boxes import format_box, to_square_box
+from ..data.boxes import BoxFormat, box_format, to_square_box
 from .world import COLOURS, KINDS, Scene, Shape
 
 __all__ = [
@@ -142,21 +142,23 @@ def vqa_items(scene: Scene, rng: random.Random) -> list[dict]:
     return items
 
 
-def grounding_box(scene: Scene, shape: Shape) -> str:
-    """The shape's pixel box on the padded square, normalised and written with 2 decimals."""
-    return format_box(to_square_box(shape.bbox(), scene.width, scene.height))
+def grounding_box(scene: Scene, shape: Shape, fmt: str | BoxFormat | None = None) -> str:
+    """The shape's pixel box on the padded square, normalised, written in box format `fmt`
+    (:func:`frozenvl.data.boxes.box_format`; default ``unit``: 0-1 with 2 decimals)."""
+    return box_format(fmt).render(to_square_box(shape.bbox(), scene.width, scene.height))
 
 
-def grounding_items(scene: Scene) -> list[dict]:
+def grounding_items(scene: Scene, fmt: str | BoxFormat | None = None) -> list[dict]:
     """One item per shape, in canonical order."""
     return [
-        _item("grounding", "box", GROUNDING_PROMPT.format(f"the {s.name}"), grounding_box(scene, s))
+        _item("grounding", "box", GROUNDING_PROMPT.format(f"the {s.name}"), grounding_box(scene, s, fmt))
         for s in canonical_order(scene)
     ]
 
 
-def image_items(scene: Scene, rng: random.Random, tasks=("caption", "vqa", "grounding")) -> list[dict]:
-    """All items of ``tasks`` for one scene, in the order caption, vqa, grounding."""
+def image_items(scene: Scene, rng: random.Random, tasks=("caption", "vqa", "grounding"),
+                fmt: str | BoxFormat | None = None) -> list[dict]:
+    """All items of ``tasks`` for one scene, in the order caption, vqa, grounding (boxes in `fmt`)."""
     unknown = set(tasks) - {"caption", "vqa", "grounding"}
     if unknown:
         raise ValueError(f"unknown image task(s) {sorted(unknown)}; valid: caption, vqa, grounding")
@@ -166,7 +168,7 @@ def image_items(scene: Scene, rng: random.Random, tasks=("caption", "vqa", "grou
     if "vqa" in tasks:
         items += vqa_items(scene, rng)
     if "grounding" in tasks:
-        items += grounding_items(scene)
+        items += grounding_items(scene, fmt)
     return items
 
 

@@ -27,6 +27,7 @@ import random
 import shutil
 from pathlib import Path
 
+from ..data import boxes as B
 from . import tasks as T
 from .world import BACKGROUND, COLOURS, KINDS, LARGE_R, MIN_GAP, SIZES, SMALL_R, sample_scene
 
@@ -56,7 +57,7 @@ def _dump_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def _conversation(sample_id: str, question: str, answer: str, image: str | None) -> dict:
+def _conversation(sample_id: str, question: str, answer: str, image: str | None, task: str | None = None) -> dict:
     rec = {
         "id": sample_id,
         "conversations": [
@@ -66,6 +67,8 @@ def _conversation(sample_id: str, question: str, answer: str, image: str | None)
     }
     if image:
         rec["image"] = image
+    if task:  # what the trainer's task_weights / loss weighting group samples by
+        rec["task"] = task
     return rec
 
 
@@ -76,7 +79,7 @@ def _item_id(prefix: str, index: int, item: dict, seen: dict) -> str:
     return f"{base}-{k}"
 
 
-def _image_split(out: Path, split: str, n: int, seed: int, image_size, tasks) -> list[tuple[str, int, dict]]:
+def _image_split(out: Path, split: str, n: int, seed: int, image_size, tasks, fmt) -> list[tuple[str, int, dict]]:
     """Render ``n`` scenes of ``split`` -> ``[(image_rel_path, image_index, item)]``."""
     scene_rng = random.Random(f"shapesworld:{seed}:{split}:scenes")
     q_rng = random.Random(f"shapesworld:{seed}:{split}:questions")
@@ -87,7 +90,7 @@ def _image_split(out: Path, split: str, n: int, seed: int, image_size, tasks) ->
         scene = sample_scene(scene_rng, sizes=image_size)
         rel = f"images/{split}/{i:05d}.png"
         scene.render().save(out / rel, format="PNG", compress_level=1)
-        for item in T.image_items(scene, q_rng, tasks):
+        for item in T.image_items(scene, q_rng, tasks, fmt):
             rows.append((rel, i, item))
     return rows
 
@@ -131,6 +134,7 @@ def generate(
     image_size: tuple[int, int] = (64, 128),
     tasks=IMAGE_TASKS,
     overwrite: bool = False,
+    box_format: str = "unit",
 ) -> dict:
     """Write a dataset to ``out_dir`` (see the module docstring); returns paths and counts.
 
@@ -140,6 +144,9 @@ def generate(
     * ``n_text_eval``: held-out text items in ``eval_text.jsonl``, a qtype-balanced seeded sample;
       None = all of them.
     * ``image_size``: (min, max) image side; width and height are drawn independently.
+    * ``box_format``: how grounding answers write boxes (:func:`frozenvl.data.boxes.box_format`:
+      ``unit`` = ``[0.12,0.30,0.25,0.43]``, ``int1000``, ``bins<N>``); other than ``unit``, each
+      grounding eval row says it in a ``box_format`` key, so scoring reads the model's boxes in it.
     * ``overwrite``: an ``out_dir`` that already holds a dataset (``meta.json`` or ``images/``) raises
       FileExistsError unless True; then this module's files and ``images/`` are removed first.
     """
@@ -155,6 +162,7 @@ def generate(
     if n_text_eval is not None and int(n_text_eval) < 0:
         raise ValueError(f"n_text_eval must be >= 0 or None, got {n_text_eval}")
     image_size = (int(image_size[0]), int(image_size[1]))
+    fmt = B.box_format(box_format)
 
     out = Path(out_dir)
     if (out / "meta.json").exists() or (out / "images").exists():
@@ -169,11 +177,11 @@ def generate(
     counts: dict[str, int] = {"train_images": int(n_train_images), "eval_images": int(n_eval_images)}
 
     # ---- images + multimodal training data
-    train_rows = _image_split(out, "train", int(n_train_images), seed, image_size, tasks)
+    train_rows = _image_split(out, "train", int(n_train_images), seed, image_size, tasks, fmt)
     seen: dict[str, int] = {}
     mm, grounding, mixed = [], [], []
     for rel, i, item in train_rows:
-        rec = _conversation(_item_id("train", i, item, seen), item["question"], item["answer"], rel)
+        rec = _conversation(_item_id("train", i, item, seen), item["question"], item["answer"], rel, item["task"])
         (grounding if item["task"] == "grounding" else mm).append(rec)
         mixed.append(rec)
     outputs = []
@@ -188,11 +196,13 @@ def generate(
         counts[name] = len(recs)
 
     # ---- evaluation data
-    eval_rows = _image_split(out, "eval", int(n_eval_images), seed, image_size, tasks)
+    eval_rows = _image_split(out, "eval", int(n_eval_images), seed, image_size, tasks, fmt)
     seen = {}
     by_task: dict[str, list[dict]] = {t: [] for t in tasks}
     for rel, i, item in eval_rows:
         row = dict(item, id=_item_id("eval", i, item, seen), image=rel)
+        if item["task"] == "grounding" and fmt.name != "unit":
+            row["box_format"] = fmt.name
         by_task[item["task"]].append(row)
     for task in tasks:
         name = f"eval_{task}"
@@ -230,8 +240,9 @@ def generate(
         "large_r": list(LARGE_R),
         "min_gap": MIN_GAP,
         "left_margin": T.LEFT_MARGIN,
-        "box_format": "[x1,y1,x2,y2] of the shape's first/last pixel, on LLaVA's padded square "
-        "(side=max(w,h), image centred), divided by side, 2 decimals",
+        "box_format": fmt.name,
+        "box_format_note": "[x1,y1,x2,y2] of the shape's first/last pixel, on LLaVA's padded square "
+        "(side=max(w,h), image centred), divided by side, written in box_format (frozenvl.data.boxes)",
         "prompts": {"caption": T.CAPTION_PROMPT, "grounding": T.GROUNDING_PROMPT},
         "vocabulary": {
             "colours": {k: list(v) for k, v in COLOURS.items()},

@@ -15,6 +15,7 @@ A YAML file (or dict) like::
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SKIP_POLICIES = ("skip", "error")
 TRUNCATION = ("skip", "truncate")
 GROUPING = ("none", "modality_length")
+LOSS_WEIGHTING = ("token", "sample")
 
 
 def _choice(value: str, allowed: tuple[str, ...], what: str) -> None:
@@ -91,6 +93,11 @@ class TrainConfig:
     log_every: int = 10
     tensorboard: bool = False
     dtype: str | None = None  # base weights' dtype when loading
+    # How label tokens weigh in a step's loss (docs/training.md, "Loss weighting"): "token" (every
+    # label token alike) or "sample" (every sample alike, however long its answer); times the
+    # sample's task weight (its record's "task" key) and its own "loss_weight".
+    loss_weighting: str = "token"
+    task_weights: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):
@@ -118,6 +125,14 @@ class TrainConfig:
 
     def validate(self) -> None:
         _choice(self.precision, PRECISIONS, "precision")
+        _choice(self.loss_weighting, LOSS_WEIGHTING, "loss_weighting")
+        if self.task_weights is not None:
+            if not isinstance(self.task_weights, dict) or not self.task_weights:
+                raise ConfigError(f"task_weights must be a non-empty mapping task -> weight, got {self.task_weights!r}")
+            for task, w in self.task_weights.items():
+                if (not isinstance(task, str) or isinstance(w, bool) or not isinstance(w, (int, float))
+                        or not math.isfinite(w) or w <= 0):
+                    raise ConfigError(f"task_weights[{task!r}] must be a finite number > 0, got {w!r}")
         if not self.stages:
             raise ConfigError("the config has no stages: give at least one under 'stages'")
         if not isinstance(self.workflow, dict) or ("family" not in self.workflow and not self.init_from):

@@ -161,6 +161,9 @@ class Trainer:
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         self.dataset = self._dataset()
+        self.sample_weights = sample_weights(self.dataset, cfg.task_weights)
+        # The plain mean over label tokens keeps its own (bit-exact, earlier) arithmetic.
+        self.uniform_loss = cfg.loss_weighting == "token" and all(w == 1.0 for w in self.sample_weights)
 
     # ------------------------------------------------------------------ data
     def _dataset(self):
@@ -215,7 +218,21 @@ class Trainer:
 
         r = self.accelerator.process_index
         mine = indices[r * stage.batch_size : (r + 1) * stage.batch_size]
-        return collate([self.dataset[i] for i in mine], self.model.tokenizer.pad_token_id)
+        items = [self.dataset[i] for i in mine]
+        batch = collate(items, self.model.tokenizer.pad_token_id)
+        if batch is not None:  # collate drops broken samples: so do their weights
+            batch["loss_weights"] = torch.tensor(
+                [self.sample_weights[i] for i, it in zip(mine, items) if it is not None], dtype=torch.float32)
+        return batch
+
+    def token_weights(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The weight of every next-token target of `batch` ((B, L-1), 0 where unlabelled): the
+        sample's weight, divided by its number of label tokens with ``loss_weighting: sample``."""
+        mask = (batch["labels"][:, 1:] != -100).float()
+        w = batch["loss_weights"][:, None].to(mask) * mask
+        if self.cfg.loss_weighting == "sample":
+            w = w / mask.sum(1, keepdim=True).clamp(min=1.0)
+        return w
 
     # ------------------------------------------------------------------ stage set-up
     def _setup_stage(self, stage_idx: int):
@@ -257,7 +274,14 @@ class Trainer:
         global_tokens = int(acc.reduce(torch.tensor(local_tokens, device=device), "sum").item())
         if global_tokens == 0:
             return float("nan"), 0
-        scale = acc.num_processes / global_tokens  # DDP averages gradients over processes
+        weights = None if self.uniform_loss else [None if b is None else self.token_weights(b) for b in micro_batches]
+        if weights is None:
+            norm = float(global_tokens)
+        else:  # the weighted mean: divided by the sum of the weights of every label token of the step
+            local = sum(float(w.sum()) for w in weights if w is not None)
+            norm = float(acc.reduce(torch.tensor(local, device=device, dtype=torch.float64), "sum").item())
+        scale = acc.num_processes / norm  # DDP averages gradients over processes
+        weight_of = {id(b): w for b, w in zip(micro_batches, weights or [])}
         loss_sum = torch.zeros((), device=device)
         live = [b for b in micro_batches if b is not None] or [None]
         for k, batch in enumerate(live):
@@ -275,7 +299,11 @@ class Trainer:
                         image_rows=batch.get("image_rows"),
                         task=self.task,
                     )
-                    loss = causal_lm_loss(out.logits, batch["labels"], reduction="sum")
+                    if weights is None:
+                        loss = causal_lm_loss(out.logits, batch["labels"], reduction="sum")
+                    else:
+                        per_token = causal_lm_loss(out.logits, batch["labels"], reduction="none")
+                        loss = (per_token.view_as(weight_of[id(batch)]) * weight_of[id(batch)].to(device)).sum()
                     loss_sum += loss.detach()
                     if not loss.requires_grad:
                         # Only text rows and only the connector trained (prefix): nothing trained took part.
@@ -286,7 +314,7 @@ class Trainer:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        total_loss = acc.reduce(loss_sum, "sum").item() / global_tokens
+        total_loss = acc.reduce(loss_sum, "sum").item() / norm
         return total_loss, global_tokens
 
     # ------------------------------------------------------------------ checkpoints
@@ -452,6 +480,20 @@ class Trainer:
             print("tensorboard is not installed; metrics go to metrics.jsonl only")
             return None
         return SummaryWriter(os.path.join(self.cfg.output_dir, "tensorboard"))
+
+
+def sample_weights(dataset, task_weights: dict[str, float] | None) -> list[float]:
+    """Each sample's loss weight: its task's weight (1 for a task `task_weights` does not name)
+    times its own ``loss_weight``. A named task that no sample has is an error (a typo, most likely)."""
+    task_weights = task_weights or {}
+    found = {t for t in dataset.tasks if t is not None}
+    unknown = sorted(set(task_weights) - found)
+    if unknown:
+        raise ConfigError(
+            f"task_weights names task(s) {unknown} that no sample of {dataset.path} has "
+            f"(the samples' 'task' values: {sorted(found) or 'none'})"
+        )
+    return [task_weights.get(t, 1.0) * w for t, w in zip(dataset.tasks, dataset.loss_weights)]
 
 
 def train(config: TrainConfig | dict | str, resume: bool = False, model: FrozenVLModel | None = None,
