@@ -9,6 +9,7 @@ from .bind import BindFamily
 from .cross_attention import CrossAttentionFamily
 from .inner_adaptor import InnerAdaptorFamily
 from .prefix import PrefixFamily
+from .wings import WingsFamily
 
 FAMILIES: dict[str, type[Family]] = {
     PrefixFamily.name: PrefixFamily,
@@ -16,6 +17,7 @@ FAMILIES: dict[str, type[Family]] = {
     AdaptionPromptFamily.name: AdaptionPromptFamily,
     BindFamily.name: BindFamily,
     CrossAttentionFamily.name: CrossAttentionFamily,
+    WingsFamily.name: WingsFamily,
 }
 
 
