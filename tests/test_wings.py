@@ -38,6 +38,16 @@ STAGES = [  # the paper's recipe: connector + visual learners, then both learner
 ]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these tiny models run many small ops, which a second thread only slows down
+    when the CPUs are shared (the training test ran 15x slower with two on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _with_prefix(llm, vis, **kw):
     """A wings workflow `mm` and a prefix workflow `p` with the same connector weights."""
     model = frozenvl.build(llm, vis, workflows={"mm": WINGS, "p": {"family": "prefix"}}, **kw)
@@ -294,25 +304,25 @@ def test_gradients_reach_only_the_workflow(bases, images):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), part
 
 
-def test_training_on_shapesworld_lowers_the_loss_and_keeps_the_base(bases, tmp_path):
+def test_training_on_shapesworld_lowers_the_loss_and_keeps_the_base(sharp_llm, tmp_path):
+    """Both stages of the recipe on ShapesWorld captions (the std-0.2 base: at 0.02 the tiny head's logits
+    are too flat for any adapter to lower the loss much)."""
     from frozenvl.shapesworld.writer import generate
 
-    llm, vis = bases()
-    info = generate(tmp_path / "sw", seed=0, n_train_images=64, n_eval_images=0, n_text_train=0, tasks=("caption",))
-    data = str(tmp_path / "sw" / "train_mm.json")
-    assert info is not None
+    llm, vis = sharp_llm
+    generate(tmp_path / "sw", seed=0, n_train_images=64, n_eval_images=0, n_text_train=0, tasks=("caption",))
     model = frozenvl.build(llm, vis, workflows={})
     before = base_checksum(model)
-    stages = [{**STAGES[0], "steps": 100, "lr": 2e-3}, {**STAGES[1], "steps": 100, "lr": 2e-3}]
+    stages = [{**stage, "steps": 25, "lr": 1e-2, "schedule": "constant"} for stage in STAGES]
     cfg = {"llm": llm, "vision": vis, "output_dir": str(tmp_path / "run"), "workflow": {"name": "mm", **WINGS},
-           "data": {"train": data, "max_length": 256}, "stages": stages, "log_every": 1, "save_every": 0}
+           "data": {"train": str(tmp_path / "sw" / "train_mm.json"), "max_length": 256}, "stages": stages,
+           "log_every": 1, "save_every": 0}
     res = train(cfg, model=model, show_progress=False)
     assert res.base_unchanged and base_checksum(model) == before
-    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    losses = [r["loss"] for r in rows]
-    assert len(losses) == 200
-    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
-    assert last < 0.8 * first, (first, last)
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert len(losses) == 50
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
     # the saved workflow holds only its own weights, and loads back to the same outputs
     saved = load_file(str(tmp_path / "run" / "workflow-mm.safetensors"))
     assert {k.split(".")[0] for k in saved} == {"connector", "visual", "textual", "router"}
