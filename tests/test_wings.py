@@ -359,3 +359,19 @@ def test_config_errors_and_refused_architectures(bases):
     gemma2, _ = bases("gemma2")
     with pytest.raises(ConfigError, match="family 'wings' rewrites the Llama decoder block .* on 'gemma2'"):
         frozenvl.build(gemma2, vis, workflows={"mm": WINGS})
+
+
+def test_the_example_config_trains_existing_parts(bases):
+    """examples/train_wings.yaml parses, and its stages name parts a wings workflow has."""
+    import os
+
+    from frozenvl.train import TrainConfig
+    from frozenvl.train.trainer import select_parameters
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "train_wings.yaml")
+    cfg = TrainConfig.from_yaml(path)
+    llm, vis = bases()
+    model = frozenvl.build(llm, vis, workflows={"mm": cfg.workflow_config()})
+    assert [s.train for s in cfg.stages] == [["connector", "visual"], ["visual", "textual", "router"]]
+    for stage in cfg.stages:
+        assert set(select_parameters(model.workflow("mm"), stage.train)) == set(stage.train)

@@ -63,6 +63,11 @@ class WingsConfig(WorkflowConfig):
             raise ConfigError(f"wings layers must be 'all' or a list of layer indices, got {self.layers!r}")
 
 
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in dtype (a decode step runs this per layer: skip the call where it changes nothing)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # modules
 # ---------------------------------------------------------------------------------------------
@@ -95,15 +100,15 @@ class LoRRA(nn.Module):
         return x.view(*x.shape[:2], self.heads, -1).transpose(1, 2)
 
     def keys_values(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = f.to(self.k.A.weight.dtype)
+        f = _as(f, self.k.A.weight.dtype)
         return self._split(f + self.k(f)), self._split(f + self.v(f))
 
     def forward(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: "Visibility") -> torch.Tensor:
         """h [B, T, hidden]; k, v [B, heads, S, d]; -> [B, T, hidden] (zero where nothing is visible)."""
-        h = h.to(self.q.A.weight.dtype)
+        h = _as(h, self.q.A.weight.dtype)
         q = self._split(h + self.q(h))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible.mask)
-        out = out.transpose(1, 2).reshape(h.shape) * visible.any_key.to(out.dtype)
+        out = out.transpose(1, 2).reshape(h.shape) * _as(visible.any_key, out.dtype)
         return self.o(out)
 
 
@@ -123,10 +128,10 @@ class Router(nn.Module):
             nn.init.zeros_(last.weight), nn.init.zeros_(last.bias)
 
     def forward(self, image_mass: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net(image_mass.to(self.net_dtype)), dim=-1)
+        return torch.softmax(self.net(_as(image_mass, self.dtype)), dim=-1)
 
     @property
-    def net_dtype(self) -> torch.dtype:
+    def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
 
@@ -274,13 +279,13 @@ class WingsFamily(Family):
         def learners(h1: torch.Tensor, attended: torch.Tensor | None) -> torch.Tensor:
             # attended [B, T, heads, 1]: the main attention's mass on image keys, per head
             mass = attended[..., 0] if attended is not None else h1.new_zeros(*h1.shape[:2], self.router[key].heads)
-            w = self.router[key](mass).to(h1.dtype)  # [B, T, 2]
+            w = _as(self.router[key](mass), h1.dtype)  # [B, T, 2]
             out = h1
             if st.visual is not None:
                 k, v = self._keys_values(idx, self.visual[key], st.visual, st.visual_new, st.cached)
-                out = out + w[..., :1] * self.visual[key](h1, k, v, st.visual_visible).to(h1.dtype)
+                out = out + w[..., :1] * _as(self.visual[key](h1, k, v, st.visual_visible), h1.dtype)
             k, v = self._keys_values(idx, self.textual[key], st.text, st.text_new, st.cached)
-            return out + w[..., 1:] * self.textual[key](h1, k, v, st.text_visible).to(h1.dtype)
+            return out + w[..., 1:] * _as(self.textual[key](h1, k, v, st.text_visible), h1.dtype)
 
         return decoder_block(self.lm.layers[idx], h, ctx, self.lm.layer_types[idx],
                              extra_values=st.image_keys, after_attention=learners)
