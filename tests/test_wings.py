@@ -265,7 +265,7 @@ def test_the_base_cache_holds_only_the_base_keys_values(bases, images, monkeypat
     state = base.cache_state(ours)["wings"]
     assert set(state["text"].kv) == set(state["visual"].kv) == set(range(conf.num_hidden_layers))
     n_images = (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(1)
-    assert state["visual"].kv[0][0].shape[2] == int(n_images.max())
+    assert state["visual"].kv[0].get()[0].shape[2] == int(n_images.max())
     assert torch.equal(state["image_cols"], inputs["input_ids"] == IMAGE_TOKEN_ID)
 
     # one generate call computes the image tokens' keys/values once per layer and each text token's once

@@ -145,7 +145,29 @@ class KeyStore:
 
     cols: torch.Tensor  # [B, S] long, the column (cache position) of each key
     valid: torch.Tensor  # [B, S] bool
-    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    kv: dict[int, "GrowingKV"] = field(default_factory=dict)
+
+
+class GrowingKV:
+    """Keys and values [B, heads, n, d] appended along n into buffers that double when full: a decode
+    step copies only its own keys (torch.cat would copy every earlier key at every step)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self._k, self._v, self.length = k, v, k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        end = self.length + k.shape[2]
+        if end > self._k.shape[2]:
+            capacity = max(end, 2 * self._k.shape[2])
+            self._k, self._v = (torch.cat([b[:, :, : self.length], b.new_empty(*b.shape[:2], capacity - self.length,
+                                                                             b.shape[3])], 2)
+                                for b in (self._k, self._v))
+        self._k[:, :, self.length : end] = k
+        self._v[:, :, self.length : end] = v
+        self.length = end
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._k[:, :, : self.length], self._v[:, :, : self.length]
 
 
 @dataclass
@@ -298,10 +320,12 @@ class WingsFamily(Family):
         this call's computed now (once) and, with a cache, kept there for the calls that follow."""
         past = store.kv.get(idx)
         if new is None:
-            return past
+            return past.get()
         k, v = learner.keys_values(new)
-        if past is not None:
-            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
-        if cached:
-            store.kv[idx] = (k, v)
-        return k, v
+        if not cached:
+            return k, v
+        if past is None:
+            store.kv[idx] = GrowingKV(k, v)
+            return k, v
+        past.append(k, v)  # generation only (no autograd through the cache): written in place
+        return past.get()
