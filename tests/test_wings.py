@@ -293,6 +293,9 @@ def test_gradients_reach_only_the_workflow(bases, images):
     family = model.workflow("mm")
     assert set(family.parts()) == {"connector", "visual", "textual", "router"}
     assert sum(p.numel() for p in model.trainable_parameters("mm")) == sum(p.numel() for p in family.parameters())
+    info = model.info()["workflows"]["mm"]  # what `frozenvl info` prints
+    assert info["family"] == "wings" and info["trainable_params"] == sum(info["parts"].values())
+    assert info["parts"]["router"] == sum(p.numel() for p in family.router.parameters()) > 0
     perturb(model, "mm", scale=0.1)
     model.train()
     inputs = model.prepare_inputs(["<image>\na red circle"], [[images[0]]], task="mm")
