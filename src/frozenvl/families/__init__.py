@@ -10,6 +10,7 @@ from .cross_attention import CrossAttentionFamily
 from .inner_adaptor import InnerAdaptorFamily
 from .prefix import PrefixFamily
 from .visual_experts import VisualExpertsFamily
+from .wings import WingsFamily
 
 FAMILIES: dict[str, type[Family]] = {
     PrefixFamily.name: PrefixFamily,
@@ -18,6 +19,7 @@ FAMILIES: dict[str, type[Family]] = {
     BindFamily.name: BindFamily,
     CrossAttentionFamily.name: CrossAttentionFamily,
     VisualExpertsFamily.name: VisualExpertsFamily,
+    WingsFamily.name: WingsFamily,
 }
 
 

@@ -1,7 +1,7 @@
 """Which base architectures each family runs exactly, and what a transformers version calls things.
 
 A family runs the base's own decoder layers (prefix, inner_adaptor, cross_attention) or writes the
-Llama block out to act inside its attention or MLP (adaption_prompt, bind, visual_experts:
+Llama block out to act inside its attention or MLP (adaption_prompt, bind, wings, visual_experts:
 `base.decoder_block`). Matching
 attribute names is not enough for either: Gemma2's block has four norms and attention-logit
 softcapping, OLMo2 normalises attention and MLP *outputs*, Phi3 fuses its projections. So every
@@ -43,7 +43,7 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 # Families that write the decoder block out (`base.decoder_block` / `base.self_attention`).
-BLOCK_REWRITING = ("adaption_prompt", "bind", "visual_experts")
+BLOCK_REWRITING = ("adaption_prompt", "bind", "wings", "visual_experts")
 
 
 def check_architecture(config, family: str, rewrites_block: bool) -> Architecture:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
@@ -294,16 +295,30 @@ def call_layer(layer: nn.Module, h: torch.Tensor, ctx: DecodeContext, attn_type:
 
 Projection = Callable[[str, torch.Tensor], torch.Tensor]  # (name: "q_proj" | ... | "o_proj", x) -> projected x
 
+# Attention implementations that take values with a different head size than queries and keys;
+# for the others (flash kernels) `self_attention` pads queries and keys with zero channels instead.
+UNEQUAL_VALUE_DIM_OK = ("eager", "sdpa")
+
 
 def self_attention(
-    attn: nn.Module, x: torch.Tensor, ctx: DecodeContext, attn_type: str, *, project: Projection | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    attn: nn.Module, x: torch.Tensor, ctx: DecodeContext, attn_type: str, *,
+    project: Projection | None = None, extra_values: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
     """A HF Llama-style attention module's forward, up to (not including) `o_proj`.
 
     Returns (attention output [B, T, heads * head_dim], rotated query states [B, heads, T, head_dim])
     so that a family can add its own term in head space before `o_proj` (adaption prompts, bind,
     learners). Same ops in the same order as transformers' own forward: the result is bit-identical.
+
     `project(name, x)` replaces the q/k/v projections (visual_experts: per-token attention experts).
+
+    `extra_values` [B, past + T, c] (aligned with `ctx.attention_mask`'s columns) are extra value
+    channels, the same for every head: appended to the values after the cache update (so the cache
+    never holds them), they come out of the attention kernel as each query's attention-weighted
+    sum of them, returned as a third tensor [B, T, heads, c]. A channel that is 1 at some keys and 0
+    elsewhere gives the attention mass on those keys without materialising the attention matrix
+    (sdpa and flash kernels return no probabilities); the first output is then equal to the plain
+    one up to the kernel's rounding.
     """
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -322,13 +337,38 @@ def self_attention(
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     if ctx.cache is not None:
         k, v = ctx.cache.update(k, v, attn.layer_idx)
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+    implementation = attn.config._attn_implementation
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
     kwargs = {"sliding_window": attn.sliding_window} if getattr(attn, "sliding_window", None) is not None else {}
+    q_in, k_in = q, k
+    if extra_values is not None:
+        q_in, k_in, v = _with_value_channels(q, k, v, extra_values, implementation in UNEQUAL_VALUE_DIM_OK)
     out, _ = interface(
-        attn, q, k, v, ctx.masks[attn_type],
+        attn, q_in, k_in, v, ctx.masks[attn_type],
         dropout=0.0 if not attn.training else attn.attention_dropout, scaling=attn.scaling, **kwargs,
     )
-    return out.reshape(*input_shape, -1).contiguous(), q
+    if extra_values is None:
+        return out.reshape(*input_shape, -1).contiguous(), q
+    d, c = q.shape[-1], extra_values.shape[-1]
+    return out[..., :d].reshape(*input_shape, -1).contiguous(), q, out[..., d : d + c]
+
+
+def _with_value_channels(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: torch.Tensor, unequal_ok: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Values [B, kv, S, d] with `extra` [B, >= S, c] appended per head (its last S columns: a sliding
+    window cache returns only the last keys); queries and keys padded with zero channels to the
+    values' size (rounded up to 8) where the kernel needs equal sizes (the scores do not change)."""
+    bsz, kv, keys, _ = v.shape
+    if extra.shape[0] != bsz or extra.shape[1] < keys:
+        raise ValueError(f"extra_values of shape {tuple(extra.shape)} for values of shape {tuple(v.shape)}")
+    channels = extra[:, -keys:].to(v.dtype).unsqueeze(1).expand(bsz, kv, keys, extra.shape[-1])
+    v = torch.cat([v, channels], dim=-1)
+    if unequal_ok:
+        return q, k, v
+    size = -(-v.shape[-1] // 8) * 8
+    pad = (0, size - q.shape[-1])
+    return F.pad(q, pad), F.pad(k, pad), F.pad(v, (0, size - v.shape[-1]))
 
 
 def decoder_block(
@@ -340,21 +380,32 @@ def decoder_block(
     attn_extra: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     mlp: Callable[[torch.Tensor], torch.Tensor] | None = None,
     project: Projection | None = None,
+    extra_values: torch.Tensor | None = None,
+    after_attention: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """A Llama-style decoder block written out, with the places families act inside it.
 
     `attn_extra(x_normed, attn_out, query_states)` returns the attention output to feed `o_proj`
     (in head space, e.g. `attn_out + gate * prompt_attention`); `mlp(x_normed)` replaces the MLP;
-    `project(name, x)` replaces the q/k/v/o projections. With none, the result is bit-identical to
-    calling `layer` itself.
+    `project(name, x)` replaces the q/k/v/o projections (visual_experts).
+    `after_attention(h1, attended)` gets the stream after the attention residual and returns what
+    goes into the post-attention norm and the MLP residual (Wings' learners); `attended` is
+    `extra_values` attended by the main attention ([B, T, heads, c], see `self_attention`), or None.
+    With none of them, the result is bit-identical to calling `layer` itself.
     """
     attn = layer.self_attn
     residual = h
     x = layer.input_layernorm(h)
-    attn_out, q = self_attention(attn, x, ctx, attn_type, project=project)
+    attended = None
+    if extra_values is None:
+        attn_out, q = self_attention(attn, x, ctx, attn_type, project=project)
+    else:
+        attn_out, q, attended = self_attention(attn, x, ctx, attn_type, project=project, extra_values=extra_values)
     if attn_extra is not None:
         attn_out = attn_extra(x, attn_out, q)
     h = residual + (project("o_proj", attn_out) if project is not None else attn.o_proj(attn_out))
+    if after_attention is not None:
+        h = after_attention(h, attended)
     residual = h
     x = layer.post_attention_layernorm(h)
     return residual + (mlp(x) if mlp is not None else layer.mlp(x))

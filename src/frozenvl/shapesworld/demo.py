@@ -117,6 +117,11 @@ FAMILY_RECIPES["visual_experts"] = {
     "workflow": lambda scale: {"connector": "monolithic:size=64,patch=8"},
     "stages": [("tune", ["*"], 1e-3, 1.0)],
 }
+FAMILY_RECIPES["wings"] = {
+    # the paper's two stages, base frozen: connector + visual learners, then both learners + router
+    "workflow": lambda scale: {},
+    "stages": [("align", ["connector", "visual"], 1e-3, 0.3), ("tune", ["visual", "textual", "router"], 1e-3, 0.7)],
+}
 GENERIC: dict[str, Any] = {"workflow": lambda scale: {}, "stages": [("tune", ["*"], 1e-3, 1.0)]}
 
 

@@ -1,0 +1,331 @@
+"""wings (Wings, NeurIPS 2024): low-rank visual and textual learners beside every attention block.
+
+Images enter the sequence as in ``prefix`` (connector output at the image slots). In every chosen
+layer (default all), after the main self-attention residual ``h1 = h + Attn(LN(h))``:
+
+    h2 = h1 + w_v * visual(h1, image tokens) + w_t * textual(h1, text embeddings)
+
+and then the layer's MLP block on ``h2``. Both learners are LoRRA (low-rank residual attention) with
+the LLM's head count over the hidden size (their own head size ``hidden / heads``, whatever the LLM's
+``head_dim`` and key/value heads): Q = h1 + B_q A_q h1, K = f + B_k A_k f, V = f + B_v A_v f,
+output B_o A_o(softmax(QK^T / sqrt(d)) V), rank ``rank``; A truncated normal (std 0.02), B zero, so a
+new workflow is the ``prefix`` workflow with the same connector. The key/value source f is the same
+input-level sequence at every layer: the connector's image tokens for the visual learner, the text
+tokens' input embeddings for the textual one. Both are causal over sequence positions (a token sees
+the images and text at or before it; attending to later text would show the answers in training);
+a token with nothing to attend to (no image yet, a row without images) gets no learner output.
+
+Router: per token and layer, the main attention's mass on image keys, per head (an extra value
+channel that is 1 at image keys: every attention kernel returns it exactly, no probabilities needed;
+`base.self_attention(extra_values=...)`), goes through a small MLP (heads -> ``router_hidden`` -> SiLU -> 2,
+last layer zero-initialised) and a softmax over two: (w_v, w_t). Nothing in it depends on the sequence
+length (the release's Linear(4096, 2) over summed probabilities does).
+
+KV cache: the base cache holds only the base's keys and values. The learners' keys/values per layer
+(the images' once per generate call, each text token's once), which columns were image positions and
+which keys each learner has are kept in the family's own state on the cache object (`cache_state`).
+
+Training (examples/train_wings.yaml): stage 1 ``[connector, visual]``, stage 2 ``[visual, textual,
+router]``, the base frozen; ``llm_train: full`` (add ``llm`` to stage 2) is the paper's stage 2 on
+the workflow's own copy of the LLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigError, WorkflowConfig
+from .base import DecodeContext, Family, cache_state, check_layer_indices, decoder_block
+
+STATE_KEY = "wings"
+INIT_STD = 0.02
+
+
+@dataclass
+class WingsConfig(WorkflowConfig):
+    rank: int = 8  # rank of every low-rank map in both learners (the release's scripts use 64)
+    layers: str | list[int] = "all"  # "all" or the decoder layer indices that get the learners
+    router_hidden: int = 16  # width of the router's hidden layer; 0: one Linear(heads, 2)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.rank < 1:
+            raise ConfigError(f"wings rank must be >= 1, got {self.rank}")
+        if self.router_hidden < 0:
+            raise ConfigError(f"wings router_hidden must be >= 0, got {self.router_hidden}")
+        listed = isinstance(self.layers, list) and all(isinstance(i, int) for i in self.layers)
+        if not (self.layers == "all" or listed):
+            raise ConfigError(f"wings layers must be 'all' or a list of layer indices, got {self.layers!r}")
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in dtype (a decode step runs this per layer: skip the call where it changes nothing)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# modules
+# ---------------------------------------------------------------------------------------------
+class LowRank(nn.Module):
+    """x -> B A x (rank r; A truncated normal std 0.02 cut at 2 std, B zero: starts as the zero map)."""
+
+    def __init__(self, dim: int, rank: int, dtype: torch.dtype | None):
+        super().__init__()
+        self.A = nn.Linear(dim, rank, bias=False, dtype=dtype)
+        self.B = nn.Linear(rank, dim, bias=False, dtype=dtype)
+        with torch.no_grad():
+            nn.init.trunc_normal_(self.A.weight, std=INIT_STD, a=-2 * INIT_STD, b=2 * INIT_STD)
+            nn.init.zeros_(self.B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.B(self.A(x))
+
+
+class LoRRA(nn.Module):
+    """Low-rank residual attention: queries from the stream, keys/values from a source sequence."""
+
+    def __init__(self, hidden: int, heads: int, rank: int, dtype: torch.dtype | None):
+        super().__init__()
+        if hidden % heads:
+            raise ConfigError(f"wings learners split the hidden size {hidden} into {heads} heads: not divisible")
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (LowRank(hidden, rank, dtype) for _ in range(4))
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:  # [B, n, hidden] -> [B, heads, n, hidden / heads]
+        return x.view(*x.shape[:2], self.heads, -1).transpose(1, 2)
+
+    def keys_values(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = _as(f, self.k.A.weight.dtype)
+        return self._split(f + self.k(f)), self._split(f + self.v(f))
+
+    def forward(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: "Visibility") -> torch.Tensor:
+        """h [B, T, hidden]; k, v [B, heads, S, d]; -> [B, T, hidden] (zero where nothing is visible)."""
+        h = _as(h, self.q.A.weight.dtype)
+        q = self._split(h + self.q(h))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible.mask)
+        out = out.transpose(1, 2).reshape(h.shape) * _as(visible.any_key, out.dtype)
+        return self.o(out)
+
+
+class Router(nn.Module):
+    """Per-head attention mass on image keys [B, T, heads] -> (w_v, w_t) [B, T, 2] (softmax over two)."""
+
+    def __init__(self, heads: int, hidden: int, dtype: torch.dtype | None):
+        super().__init__()
+        self.heads = heads
+        if hidden:
+            # SiLU rather than erf-GELU: on a decode step's few values per layer the erf costs 6x more.
+            self.net: nn.Module = nn.Sequential(nn.Linear(heads, hidden, dtype=dtype), nn.SiLU(),
+                                                nn.Linear(hidden, 2, dtype=dtype))
+            last = self.net[-1]
+        else:
+            self.net = last = nn.Linear(heads, 2, dtype=dtype)
+        with torch.no_grad():  # (0.5, 0.5) for every token at the start
+            nn.init.zeros_(last.weight), nn.init.zeros_(last.bias)
+
+    def forward(self, image_mass: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(_as(image_mass, self.dtype)), dim=-1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# the learners' keys across the calls of one generation
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class KeyStore:
+    """One learner kind's keys: their sequence columns, which are real, and per layer their K/V."""
+
+    cols: torch.Tensor  # [B, S] long, the column (cache position) of each key
+    valid: torch.Tensor  # [B, S] bool
+    kv: dict[int, "GrowingKV"] = field(default_factory=dict)
+
+
+class GrowingKV:
+    """Keys and values [B, heads, n, d] appended along n into buffers that double when full: a decode
+    step copies only its own keys (torch.cat would copy every earlier key at every step)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self._k, self._v, self.length = k, v, k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        end = self.length + k.shape[2]
+        if end > self._k.shape[2]:
+            capacity = max(end, 2 * self._k.shape[2])
+            self._k, self._v = (torch.cat([b[:, :, : self.length], b.new_empty(*b.shape[:2], capacity - self.length,
+                                                                             b.shape[3])], 2)
+                                for b in (self._k, self._v))
+        self._k[:, :, self.length : end] = k
+        self._v[:, :, self.length : end] = v
+        self.length = end
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+
+@dataclass
+class Visibility:
+    """Which keys each query of the call sees: causal (key column <= query column) and real."""
+
+    mask: torch.Tensor  # [B, 1, T, S] bool for sdpa; rows that see nothing are all True (and zeroed)
+    any_key: torch.Tensor  # [B, T, 1] bool, True where the query sees at least one key
+
+    @classmethod
+    def of(cls, store: KeyStore, query_cols: torch.Tensor) -> "Visibility":
+        seen = store.valid[:, None, :] & (store.cols[:, None, :] <= query_cols[None, :, None])  # [B, T, S]
+        any_key = seen.any(-1, keepdim=True)
+        # sdpa gives NaN for a row without any allowed key: let such rows see everything, then zero them.
+        return cls(mask=(seen | ~any_key).unsqueeze(1), any_key=any_key)
+
+
+@dataclass
+class CallState:
+    """What every chosen layer of one forward pass needs."""
+
+    text_new: torch.Tensor  # [B, n, hidden] this call's text sources
+    visual_new: torch.Tensor | None  # [B, m, hidden] this call's image tokens (None: the call has none)
+    text: KeyStore
+    visual: KeyStore | None  # None: the sequence has no image at all (the visual learner is skipped)
+    text_visible: Visibility
+    visual_visible: Visibility | None
+    image_keys: torch.Tensor | None  # [B, past + T, 1] 1 at image columns (the router's value channel)
+    cached: bool
+
+
+def _select(h: torch.Tensor, chosen: torch.Tensor, first_col: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The `chosen` positions [B, T] of h [B, T, d], packed to the left per row: (sources [B, n, d],
+    columns [B, n], valid [B, n]) with n the largest count of a row."""
+    counts = chosen.sum(1)
+    n = int(counts.max()) if chosen.numel() else 0
+    order = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)[:, :n]  # chosen positions first
+    f = h.gather(1, order.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+    valid = torch.arange(n, device=h.device)[None, :] < counts[:, None]
+    return f, order + first_col, valid
+
+
+def _extend(store: KeyStore | None, cols: torch.Tensor, valid: torch.Tensor) -> KeyStore:
+    if store is None:
+        return KeyStore(cols, valid)
+    return KeyStore(torch.cat([store.cols, cols], 1), torch.cat([store.valid, valid], 1), store.kv)
+
+
+# ---------------------------------------------------------------------------------------------
+# the family
+# ---------------------------------------------------------------------------------------------
+class WingsFamily(Family):
+    name = "wings"
+    config_class = WingsConfig
+    rewrites_block = True  # runs base.decoder_block: Llama-block architectures only
+
+    def __init__(self, cfg: WingsConfig, llm, vision_hidden: int | None):
+        super().__init__(cfg, llm, vision_hidden)
+        if self.connector is None:
+            raise ConfigError("wings needs a vision encoder (its visual learner reads the connector's image tokens)")
+        n = self.lm.num_layers
+        self.chosen = check_layer_indices(list(range(n)) if cfg.layers == "all" else list(cfg.layers), n, "wings")
+        self.layers_replaced = frozenset(self.chosen)
+        conf, dtype = self.lm.config, llm.dtype
+        hidden, heads = conf.hidden_size, conf.num_attention_heads
+        self.visual = nn.ModuleDict({str(i): LoRRA(hidden, heads, cfg.rank, dtype) for i in self.chosen})
+        self.textual = nn.ModuleDict({str(i): LoRRA(hidden, heads, cfg.rank, dtype) for i in self.chosen})
+        self.router = nn.ModuleDict({str(i): Router(heads, cfg.router_hidden, dtype) for i in self.chosen})
+
+    def parts(self) -> dict[str, list[nn.Parameter]]:
+        parts = super().parts()
+        parts["visual"] = list(self.visual.parameters())
+        parts["textual"] = list(self.textual.parameters())
+        parts["router"] = list(self.router.parameters())
+        return parts
+
+    # ---- per call ---------------------------------------------------------------------------------
+    def decode(self, h: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        ctx.state[STATE_KEY] = self._prepare(h, ctx)
+        return super().decode(h, ctx)
+
+    def _prepare(self, h: torch.Tensor, ctx: DecodeContext) -> CallState:
+        """This call's learner sources and key bookkeeping, continued from the cache's family state."""
+        bsz, length = h.shape[:2]
+        total = ctx.attention_mask.shape[1]
+        past = total - length
+        store: dict[str, Any] = cache_state(ctx.cache).setdefault(STATE_KEY, {}) if ctx.cache is not None else {}
+        image_cols = store.get("image_cols")
+        if (image_cols.shape[1] if image_cols is not None else 0) != past:
+            raise ValueError(
+                f"wings: the cache holds {0 if image_cols is None else image_cols.shape[1]} positions of this "
+                f"workflow but the attention mask says {past} came before: give the cache this workflow made"
+            )
+        is_image = ctx.image_mask if ctx.image_mask is not None else torch.zeros_like(ctx.position_ids, dtype=torch.bool)
+        embeds = ctx.state.get("image_embeds")
+        call_has_images = embeds is not None and embeds.shape[0] > 0
+        real = ctx.attention_mask[:, past:].bool()
+        query_cols = torch.arange(past, total, device=h.device)
+
+        # Text keys: this call's text tokens. Packed when the call has image slots (prompts; their
+        # image tokens are no text keys); decode steps take their tokens as they are (no host sync).
+        if call_has_images:
+            text_new, cols, valid = _select(h, real & ~is_image, past)
+        else:
+            text_new, cols, valid = h, query_cols.expand(bsz, -1), real & ~is_image
+        text = _extend(store.get("text"), cols, valid)
+
+        visual, visual_new = store.get("visual"), None
+        if call_has_images:
+            visual_new, cols, valid = _select(h, is_image & real, past)
+            visual = _extend(visual, cols, valid)
+
+        image_cols = is_image if image_cols is None else torch.cat([image_cols, is_image], 1)
+        if ctx.cache is not None:
+            store.update(image_cols=image_cols, text=text, visual=visual)
+        return CallState(
+            text_new=text_new,
+            visual_new=visual_new,
+            text=text,
+            visual=visual,
+            text_visible=Visibility.of(text, query_cols),
+            visual_visible=Visibility.of(visual, query_cols) if visual is not None else None,
+            image_keys=image_cols.unsqueeze(-1).to(h.dtype) if visual is not None else None,
+            cached=ctx.cache is not None,
+        )
+
+    # ---- per layer --------------------------------------------------------------------------------
+    def run_layer(self, idx: int, h: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        st: CallState = ctx.state[STATE_KEY]
+        key = str(idx)
+
+        def learners(h1: torch.Tensor, attended: torch.Tensor | None) -> torch.Tensor:
+            # attended [B, T, heads, 1]: the main attention's mass on image keys, per head
+            mass = attended[..., 0] if attended is not None else h1.new_zeros(*h1.shape[:2], self.router[key].heads)
+            w = _as(self.router[key](mass), h1.dtype)  # [B, T, 2]
+            out = h1
+            if st.visual is not None:
+                k, v = self._keys_values(idx, self.visual[key], st.visual, st.visual_new, st.cached)
+                out = out + w[..., :1] * _as(self.visual[key](h1, k, v, st.visual_visible), h1.dtype)
+            k, v = self._keys_values(idx, self.textual[key], st.text, st.text_new, st.cached)
+            return out + w[..., 1:] * _as(self.textual[key](h1, k, v, st.text_visible), h1.dtype)
+
+        return decoder_block(self.lm.layers[idx], h, ctx, self.lm.layer_types[idx],
+                             extra_values=st.image_keys, after_attention=learners)
+
+    @staticmethod
+    def _keys_values(idx: int, learner: LoRRA, store: KeyStore, new: torch.Tensor | None,
+                     cached: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer idx's keys/values of all of the store's keys: the earlier calls' from the cache state,
+        this call's computed now (once) and, with a cache, kept there for the calls that follow."""
+        past = store.kv.get(idx)
+        if new is None:
+            return past.get()
+        k, v = learner.keys_values(new)
+        if not cached:
+            return k, v
+        if past is None:
+            store.kv[idx] = GrowingKV(k, v)
+            return k, v
+        past.append(k, v)  # generation only (no autograd through the cache): written in place
+        return past.get()
