@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 # Importing this module first keeps every benchmark off the hub and tokenizers' thread pool quiet.
@@ -70,3 +71,18 @@ def print_table(title: str, headers: list[str], rows: list[list[str]], left: tup
     for line in rows:
         table.add_row(*line)
     Console(width=200).print(table)
+
+
+def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """(best, median) wall seconds of `repeats` calls of `fn` after one warm-up call (kernel
+    selection, allocator, first touch of memory-mapped weights)."""
+    import statistics
+    import time
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), statistics.median(times)

@@ -16,25 +16,15 @@ Prints best and median seconds over `--repeats` and the fp32/bf16 ratio (> 1: bf
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
-from collections.abc import Callable
 
-from _common import load_average, log, n_params, print_load_footer, quiet  # benchmarks/ is on sys.path
+from _common import load_average, log, n_params, print_load_footer, quiet, timed  # benchmarks/ is on sys.path
 
 WORKFLOW = {"family": "inner_adaptor", "layers": [0, 8]}
 PROMPT = "<image>\nwhat colour is the image, and what shape is in it"
 
 
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    fn()  # warm-up (kernel selection, allocator)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), statistics.median(times)
 
 
 def main() -> None:

@@ -19,25 +19,15 @@ printed beside each row. The bases must already be cached (`frozenvl bases`); no
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
-from collections.abc import Callable
 
-from _common import load_average, log, print_load_footer, print_table, quiet  # benchmarks/ is on sys.path
+from _common import load_average, log, print_load_footer, print_table, quiet, timed  # benchmarks/ is on sys.path
 
 CONNECTORS = {256: "mlp2x_gelu", 64: "pixel_shuffle:factor=2"}
 QUESTION = "<image>\nWhat colour is the large shape?"
 ANSWER = " The large shape is red."
 
 
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    fn()  # warm-up: kernel selection, allocator, first-touch of memory-mapped weights
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), statistics.median(times)
 
 
 def main() -> None:
