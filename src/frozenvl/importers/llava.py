@@ -14,20 +14,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GenerationConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    PreTrainedModel,
-)
+from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from ..config import ModelConfig, parse_workflow
-from ..families.base import LMParts
-from ..model import FrozenVLModel
-from ..vision.encoder import VisionTower
-from .checkpoint import copy_preprocessor_config, has_tokenizer, read_checkpoint_config
+from ..config import parse_workflow
+from .checkpoint import read_checkpoint_config
+from .split import load_checkpoint, write_split
 
 # Vision encoders whose LLaVA feature selection frozenvl reproduces exactly, and whether each has a
 # CLS token in front of the patch tokens (LLaVA's "default" strategy always drops the first token).
@@ -77,55 +68,16 @@ def import_llava_hf(
     config = read_checkpoint_config(src_dir, "llava", "LLaVA", LlavaConfig)
     wf = _workflow_config(config, src_dir, workflow, image_mode)
 
-    llava, info = LlavaForConditionalGeneration.from_pretrained(src_dir, dtype="auto", output_loading_info=True)
-    missing = sorted(info.get("missing_keys") or [])
-    if missing:
-        raise ValueError(f"{src_dir}: the checkpoint lacks {len(missing)} weight(s), e.g. {missing[:5]}")
-    llava.eval()
-
-    os.makedirs(out_dir, exist_ok=True)
-    llm_dir, vision_dir = os.path.join(out_dir, "llm"), os.path.join(out_dir, "vision")
-
-    # --- the language model ---------------------------------------------------------------
-    causal = _standalone_causal_lm(llava)
-    LMParts(causal)  # frozenvl's layout check: fail before writing anything large
-    if os.path.isfile(os.path.join(src_dir, "generation_config.json")):
-        causal.generation_config = GenerationConfig.from_pretrained(src_dir)
-    causal.save_pretrained(llm_dir)
-    if has_tokenizer(src_dir):
-        AutoTokenizer.from_pretrained(src_dir).save_pretrained(llm_dir)
-    else:
-        warnings.warn(
-            f"{src_dir} has no tokenizer files: {llm_dir} has no tokenizer, and frozenvl.load({out_dir!r}) "
-            "needs one there (save the LLaVA tokenizer into it)",
-            stacklevel=2,
-        )
-
-    # --- the vision tower -----------------------------------------------------------------
-    tower: PreTrainedModel = llava.model.vision_tower  # LLaVA builds it as AutoModel.from_config(vision_config)
-    tower.save_pretrained(vision_dir)
-    copy_preprocessor_config(src_dir, vision_dir)
-
-    # --- the projector, as a frozenvl prefix workflow --------------------------------------
+    llava = load_checkpoint(LlavaForConditionalGeneration, src_dir)
     projector = _projector_state(llava)
-    model = FrozenVLModel(
-        ModelConfig(llm=os.path.abspath(llm_dir), vision=os.path.abspath(vision_dir), workflows={workflow: wf}),
-        causal,
-        _NoTokenizer(),
-        VisionTower(tower),
-    )
-    model.workflow(workflow).connector.load_state_dict(projector, strict=True)
-    model.save_pretrained(out_dir, tasks=[workflow])
-    return out_dir
+
+    def fill(family) -> None:  # the projector, as the prefix workflow's connector
+        family.connector.load_state_dict(projector, strict=True)
+
+    return write_split(llava, src_dir, out_dir, workflow, wf, fill)
 
 
 # ------------------------------------------------------------------------------------------ helpers
-class _NoTokenizer:
-    """Stand-in for FrozenVLModel's tokenizer argument: the import only saves, it never tokenizes."""
-
-    pad_token_id = 0
-
-
 def _workflow_config(config: Any, src_dir: str, workflow: str, image_mode: str):
     layer = config.vision_feature_layer
     if not isinstance(layer, int) or isinstance(layer, bool):
@@ -174,42 +126,6 @@ def _workflow_config(config: Any, src_dir: str, workflow: str, image_mode: str):
             "image_mode": image_mode,
         },
     )
-
-
-def _standalone_causal_lm(llava: LlavaForConditionalGeneration) -> PreTrainedModel:
-    """A causal LM of the text config's class that uses LLaVA's own language-model modules.
-
-    The wrapper is built on the meta device and then takes over LLaVA's (already loaded) decoder and
-    lm_head, so no second copy of the weights is allocated or randomly initialised.
-    """
-    text_config = llava.config.text_config
-    decoder, head = llava.model.language_model, llava.lm_head
-    with torch.device("meta"):
-        causal = AutoModelForCausalLM.from_config(text_config, dtype=decoder.dtype)
-    prefix = causal.base_model_prefix
-    inner = getattr(causal, prefix, None)
-    if type(inner) is not type(decoder) or not isinstance(causal.get_output_embeddings(), nn.Linear):
-        raise NotImplementedError(
-            f"{type(causal).__name__} is not laid out as <{prefix}: {type(decoder).__name__}> + lm_head; "
-            "cannot build a standalone LLM from this LLaVA checkpoint"
-        )
-    setattr(causal, prefix, decoder)
-    if not text_config.tie_word_embeddings and _same_storage(head.weight, decoder.get_input_embeddings().weight):
-        # LLaVA tied its head to the embeddings but the text config does not tie: give the head its own copy.
-        untied = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
-        untied.weight = nn.Parameter(head.weight.detach().clone())
-        if head.bias is not None:
-            untied.bias = nn.Parameter(head.bias.detach().clone())
-        head = untied
-    causal.set_output_embeddings(head)
-    left = [n for n, t in (*causal.named_parameters(), *causal.named_buffers()) if t.is_meta]
-    if left:
-        raise NotImplementedError(f"{type(causal).__name__}: tensors {left[:5]} are not part of LLaVA's language model")
-    return causal.eval()
-
-
-def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _projector_state(llava: LlavaForConditionalGeneration) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""What the LLaVA-style importers of tiled checkpoints share (InternVL, LLaVA-NeXT): load the transformers
+"""What the LLaVA-style importers share (LLaVA, InternVL, LLaVA-NeXT): load the transformers
 model, write its language model and vision tower as standalone checkpoints, and the projector (plus any
 layout tokens) as a frozenvl ``prefix`` workflow."""
 
@@ -10,14 +10,20 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from ..config import ModelConfig, WorkflowConfig
 from ..families.base import LMParts
 from ..model import FrozenVLModel
 from ..vision.encoder import VisionTower
 from .checkpoint import copy_preprocessor_config, has_tokenizer
-from .llava import _NoTokenizer, _standalone_causal_lm
+
+
+class _NoTokenizer:
+    """Stand-in for FrozenVLModel's tokenizer argument: the import only saves, it never tokenizes."""
+
+    pad_token_id = 0
 
 
 def load_checkpoint(model_class: type, src_dir: str) -> PreTrainedModel:
@@ -84,3 +90,39 @@ def processor_options(src_dir: str) -> dict[str, Any]:
             if isinstance(data, dict) and data:
                 return data
     return {}
+
+
+def _standalone_causal_lm(llava: PreTrainedModel) -> PreTrainedModel:
+    """A causal LM of the text config's class that uses a LLaVA-layout model's own language-model modules.
+
+    The wrapper is built on the meta device and then takes over LLaVA's (already loaded) decoder and
+    lm_head, so no second copy of the weights is allocated or randomly initialised.
+    """
+    text_config = llava.config.text_config
+    decoder, head = llava.model.language_model, llava.lm_head
+    with torch.device("meta"):
+        causal = AutoModelForCausalLM.from_config(text_config, dtype=decoder.dtype)
+    prefix = causal.base_model_prefix
+    inner = getattr(causal, prefix, None)
+    if type(inner) is not type(decoder) or not isinstance(causal.get_output_embeddings(), nn.Linear):
+        raise NotImplementedError(
+            f"{type(causal).__name__} is not laid out as <{prefix}: {type(decoder).__name__}> + lm_head; "
+            "cannot build a standalone LLM from this LLaVA checkpoint"
+        )
+    setattr(causal, prefix, decoder)
+    if not text_config.tie_word_embeddings and _same_storage(head.weight, decoder.get_input_embeddings().weight):
+        # LLaVA tied its head to the embeddings but the text config does not tie: give the head its own copy.
+        untied = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
+        untied.weight = nn.Parameter(head.weight.detach().clone())
+        if head.bias is not None:
+            untied.bias = nn.Parameter(head.bias.detach().clone())
+        head = untied
+    causal.set_output_embeddings(head)
+    left = [n for n, t in (*causal.named_parameters(), *causal.named_buffers()) if t.is_meta]
+    if left:
+        raise NotImplementedError(f"{type(causal).__name__}: tensors {left[:5]} are not part of LLaVA's language model")
+    return causal.eval()
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
