@@ -14,6 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if TYPE_CHECKING:
     import torch
 
+    from frozenvl.model import FrozenVLModel
+
 
 def quiet() -> None:
     """No warnings, no transformers progress bars or info logs in the benchmark output."""
@@ -86,3 +88,34 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times), statistics.median(times)
+
+
+def timed_train_steps(model: "FrozenVLModel", task: str, inputs: dict, labels: "torch.Tensor",
+                      repeats: int) -> tuple[float, float]:
+    """(best, median) seconds of one training step of workflow `task` (forward + backward + AdamW) in
+    the trainer's precision discipline: fp32 master weights of the workflow and bf16 autocast when the
+    model was built in bf16, plain fp32 otherwise. Afterwards the model is in eval mode, its weights
+    back in the dtype it was built in (ready to generate, as the trainer leaves it)."""
+    import torch
+
+    from frozenvl.train.precision import MasterWeights
+
+    low = model.llm.dtype != torch.float32
+    masters = MasterWeights(model.workflow(task), enabled=low)
+    masters.to_fp32()
+    optimizer = torch.optim.AdamW(model.trainable_parameters(task), lr=1e-5)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=low)
+    model.train()
+
+    def step() -> None:
+        with autocast:
+            loss = model(**inputs, labels=labels, task=task).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    try:
+        return timed(step, repeats)
+    finally:
+        masters.to_build_dtype()
+        model.eval()

@@ -19,12 +19,10 @@ import argparse
 import tempfile
 import time
 
-from _common import load_average, log, n_params, print_load_footer, quiet, timed  # benchmarks/ is on sys.path
+from _common import load_average, log, n_params, print_load_footer, quiet, timed, timed_train_steps  # benchmarks/ is on sys.path
 
 WORKFLOW = {"family": "inner_adaptor", "layers": [0, 8]}
 PROMPT = "<image>\nwhat colour is the image, and what shape is in it"
-
-
 
 
 def main() -> None:
@@ -40,7 +38,6 @@ def main() -> None:
 
     import frozenvl
     from frozenvl.tiny import build_tiny_bases
-    from frozenvl.train.precision import MasterWeights
 
     quiet()
     torch.set_num_threads(args.threads)
@@ -56,31 +53,13 @@ def main() -> None:
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         log(f"{name}: building ...")
         model = frozenvl.build(llm, vis, workflows={"mm": WORKFLOW}, dtype=dtype)
-        family = model.workflow("mm")
-        params = model.trainable_parameters("mm")
         inputs = model.prepare_inputs(prompts, [[im] for im in images], "mm")
         # loss on the text tokens: not on image slots or left padding
         labels = inputs["input_ids"].masked_fill((inputs["input_ids"] < 0) | (inputs["attention_mask"] == 0), -100)
         n_llm = n_params(model.llm)
 
-        # The trainer's discipline: fp32 masters of the workflow's weights, autocast for the math.
-        masters = MasterWeights(family, enabled=dtype != torch.float32)
-        masters.to_fp32()
-        optimizer = torch.optim.AdamW(params, lr=1e-5)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32)
-        model.train()
-
-        def train_step() -> None:
-            with autocast:
-                loss = model(**inputs, labels=labels, task="mm").loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
         log(f"{name}: train step x{args.repeats} ...")
-        results["train step"][name] = timed(train_step, args.repeats)
-        masters.to_build_dtype()
-        model.eval()
+        results["train step"][name] = timed_train_steps(model, "mm", inputs, labels, args.repeats)
 
         def generate() -> None:
             model.encoded_images.clear()  # every repeat encodes its image again

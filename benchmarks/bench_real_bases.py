@@ -21,13 +21,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import load_average, log, print_load_footer, print_table, quiet, timed  # benchmarks/ is on sys.path
+from _common import load_average, log, print_load_footer, print_table, quiet, timed, timed_train_steps  # benchmarks/ is on sys.path
 
 CONNECTORS = {256: "mlp2x_gelu", 64: "pixel_shuffle:factor=2"}
 QUESTION = "<image>\nWhat colour is the large shape?"
 ANSWER = " The large shape is red."
-
-
 
 
 def main() -> None:
@@ -45,7 +43,6 @@ def main() -> None:
 
     import frozenvl
     from frozenvl.realbases import ensure_bases
-    from frozenvl.train.precision import MasterWeights
 
     quiet()
     torch.set_num_threads(args.threads)
@@ -65,7 +62,6 @@ def main() -> None:
             model = frozenvl.build(str(bases.llm_dir), str(bases.vision_dir), dtype=dtype,
                                    workflows={"mm": {"family": "prefix", "connector": CONNECTORS[tokens]}})
             assert model.tokens_per_image("mm") == tokens, model.tokens_per_image("mm")
-            family = model.workflow("mm")
             prompts = [QUESTION + ANSWER] * args.batch
             inputs = model.prepare_inputs(prompts, [[im] for im in images], "mm")
             ids = inputs["input_ids"]
@@ -73,23 +69,8 @@ def main() -> None:
             labels = torch.full_like(ids, -100)
             labels[:, -n_answer:] = ids[:, -n_answer:]  # right-aligned: the answer ends every row
 
-            masters = MasterWeights(family, enabled=dtype != torch.float32)
-            masters.to_fp32()
-            optimizer = torch.optim.AdamW(model.trainable_parameters("mm"), lr=1e-5)
-            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32)
-            model.train()
-
-            def train_step() -> None:
-                with autocast:
-                    loss = model(**inputs, labels=labels, task="mm").loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
             log(f"{tokens} tokens/image, {precision}: train step x{args.repeats} ...")
-            train_best, train_med = timed(train_step, args.repeats)
-            masters.to_build_dtype()
-            model.eval()
+            train_best, train_med = timed_train_steps(model, "mm", inputs, labels, args.repeats)
 
             def generate() -> None:
                 model.encoded_images.clear()  # every call encodes its image again
@@ -103,7 +84,7 @@ def main() -> None:
             rows.append([str(tokens), precision, str(ids.shape[1]),
                          f"{args.batch / train_best:.2f}", f"{args.batch / train_med:.2f}", f"{base_train / train_best:.2f}",
                          f"{args.new_tokens / gen_best:.1f}", f"{args.new_tokens / gen_med:.1f}", f"{base_gen / gen_best:.2f}"])
-            del model, family, optimizer, masters
+            model = None  # free this model before the next one is built
 
     print_table(
         f"prefix on SmolLM2-135M-Instruct + DINOv2-S/14, {args.threads} thread(s), train batch {args.batch}, "
