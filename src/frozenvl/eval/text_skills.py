@@ -370,12 +370,17 @@ def score_multiple_choice(
 
     n_chars = [[len(c) for c in it.continuations] for it in items]
     gold = [it.gold for it in items]
-    acc = _mean([_argmax(lp) == g for lp, g in zip(logprobs, gold)])
+    acc = _mean(correct_choices(logprobs, gold))
     acc_pc = _mean([_argmax([v / n for v, n in zip(lp, nc)]) == g for lp, nc, g in zip(logprobs, n_chars, gold)])
     return MCResult(
         task=task, ran="+".join(sorted(ran)), n_items=len(items), acc=acc, acc_per_char=acc_pc,
         logprobs=logprobs, n_chars=n_chars, gold=gold, truncated=truncated, seconds=time.perf_counter() - start,
     )
+
+
+def correct_choices(logprobs: Sequence[Sequence[float]], gold: Sequence[int]) -> list[bool]:
+    """Per item: whether the gold choice has the highest summed log-likelihood (what `acc` averages)."""
+    return [_argmax(lp) == g for lp, g in zip(logprobs, gold)]
 
 
 def _argmax(values: Sequence[float]) -> int:

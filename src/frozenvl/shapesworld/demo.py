@@ -111,16 +111,16 @@ FAMILY_RECIPES: dict[str, dict[str, Any]] = {
         "workflow": lambda scale: {"every": 1, "resampler_depth": 2},
         "stages": [("tune", ["*_gate", "*"], {"*_gate": 1e-2, "*": 1e-3}, 1.0)],
     },
-}
-FAMILY_RECIPES["visual_experts"] = {
-    # the monolithic embedding at the scenes' own scale: 8-px patches of a 64-px view, 16 tokens (+ <img>, </img>)
-    "workflow": lambda scale: {"connector": "monolithic:size=64,patch=8"},
-    "stages": [("tune", ["*"], 1e-3, 1.0)],
-}
-FAMILY_RECIPES["wings"] = {
-    # the paper's two stages, base frozen: connector + visual learners, then both learners + router
-    "workflow": lambda scale: {},
-    "stages": [("align", ["connector", "visual"], 1e-3, 0.3), ("tune", ["visual", "textual", "router"], 1e-3, 0.7)],
+    "visual_experts": {
+        # the monolithic embedding at the scenes' own scale: 8-px patches of a 64-px view, 16 tokens (+ <img>, </img>)
+        "workflow": lambda scale: {"connector": "monolithic:size=64,patch=8"},
+        "stages": [("tune", ["*"], 1e-3, 1.0)],
+    },
+    "wings": {
+        # the paper's two stages, base frozen: connector + visual learners, then both learners + router
+        "workflow": lambda scale: {},
+        "stages": [("align", ["connector", "visual"], 1e-3, 0.3), ("tune", ["visual", "textual", "router"], 1e-3, 0.7)],
+    },
 }
 GENERIC: dict[str, Any] = {"workflow": lambda scale: {}, "stages": [("tune", ["*"], 1e-3, 1.0)]}
 

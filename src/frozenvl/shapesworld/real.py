@@ -21,8 +21,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..constants import TEXT_TASK
-
 if TYPE_CHECKING:
     from ..model import FrozenVLModel
 
@@ -90,13 +88,13 @@ def benchmark_correct(model: "FrozenVLModel", benches: dict[str, list[Any]], tas
                       deployed: bool, batch_size: int = 16, progress: bool = False) -> dict[str, list[float]]:
     """Per benchmark, per item: 1.0 where workflow `task` ranks the gold choice first by summed
     log-likelihood (own path unless `deployed`), else 0.0."""
-    from ..eval.text_skills import score_multiple_choice
+    from ..eval.text_skills import correct_choices, score_multiple_choice
 
     out = {}
     for name, items in benches.items():
         res = score_multiple_choice(model, items, task=task, deployed=deployed, batch_size=batch_size,
                                     progress=progress)
-        out[name] = [float(max(range(len(lp)), key=lp.__getitem__) == g) for lp, g in zip(res.logprobs, res.gold)]
+        out[name] = [float(c) for c in correct_choices(res.logprobs, res.gold)]
     return out
 
 
