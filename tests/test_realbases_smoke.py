@@ -28,6 +28,8 @@ WORKFLOWS = {
     "prompt": {"family": "adaption_prompt", "adapter_layers": 4},
     "bind": {"family": "bind"},
     "xattn": {"family": "cross_attention", "every": 10, "resampler_depth": 1},
+    "wings": {"family": "wings", "layers": [0, 29]},
+    "experts": {"family": "visual_experts", "layers": [0, 29], "connector": "monolithic:size=112"},
 }
 
 
