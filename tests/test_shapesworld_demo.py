@@ -154,3 +154,24 @@ def test_recipes_are_data_driven(monkeypatch):
     for name in ("adaption_prompt", "bind", "cross_attention"):
         st = runs[name].stages[-1]
         assert isinstance(st["lr"], dict) and st["lr"][st["train"][0]] == 1e-2
+
+
+def test_scene_texts_box_only_grounding_descriptions():
+    """The LLM reads a scene's boxes only where a grounding question needs them; VQA and captions
+    get the plain left-to-right description (a third as long), and both list the same shapes."""
+    import random
+
+    from frozenvl.data.boxes import box_format
+    from frozenvl.shapesworld.bases import describe_scene, scene_text_records
+    from frozenvl.shapesworld.world import sample_scene
+
+    scene = sample_scene(random.Random(3), min_shapes=3, max_shapes=3)
+    plain, boxed = describe_scene(scene, "bins32", boxes=False), describe_scene(scene, "bins32")
+    assert plain.count(";") == boxed.count(";") == 2 and " at " not in plain
+    assert [part.split(" at ")[0] for part in boxed.split("; ")] == plain.split("; ")
+    assert len(box_format("bins32").parse(boxed)) == 3
+    records = scene_text_records(60, seed=0, fmt="bins32")
+    assert len(records) == 60 and {r["task"] for r in records} == {"scene-caption", "scene-vqa", "scene-grounding"}
+    for r in records:
+        has_box = bool(box_format("bins32").parse(r["conversations"][0]["value"]))
+        assert has_box == (r["task"] == "scene-grounding"), r

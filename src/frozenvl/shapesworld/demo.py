@@ -59,11 +59,12 @@ class Scale:
 #: instead of unit's 21, worst rounding 1/64 of the side.
 DEMO_BOXES = "bins32"
 FULL = Scale(n_train_images=1500, n_eval_images=100, n_text_train=3000, n_text_eval=None,
-             bases=BaseSpec(box_format=DEMO_BOXES, vit_steps=1000, vit_lr=3e-3),
+             bases=BaseSpec(box_format=DEMO_BOXES),
              align_steps=60, tune_steps=240, batch_size=16)
 QUICK = Scale(n_train_images=200, n_eval_images=20, n_text_train=1200, n_text_eval=None,
-              bases=replace(BaseSpec(box_format=DEMO_BOXES), llm_steps=240, n_scene_texts=800, vit_steps=60,
-                            vit_pool=512, probe_vit_scenes=200, probe_llm_scenes=20),
+              bases=replace(BaseSpec(box_format=DEMO_BOXES), llm_steps=240, llm_batch=32, llm_lr=3e-3,
+                            n_scene_texts=800, text_repeat=1, vit_steps=60, vit_lr=2e-3, vit_pool=512,
+                            probe_vit_scenes=200, probe_llm_scenes=20),
               align_steps=10, tune_steps=30, batch_size=16)
 # The real track (SmolLM2-135M-Instruct + DINOv2-S/14): a training step costs ~20x the tiny one on
 # a CPU, so fewer, smaller steps; timings in docs/real_bases.md.
