@@ -21,8 +21,17 @@ TINY = Scale(n_train_images=24, n_eval_images=4, n_text_train=200, n_text_eval=6
              align_steps=2, tune_steps=2, batch_size=4, eval_batch=8)
 
 
-def test_demo_smoke_at_tiny_scale(tmp_path):
-    res = run_demo(str(tmp_path), scale=TINY, chat=False, progress=False)
+def test_demo_smoke_at_tiny_scale(tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # as a user's session has it (conftest turns the bars off)
+    try:
+        res = run_demo(str(tmp_path), scale=TINY, chat=False, progress=False)
+        # piped (not a terminal): no progress bars, transformers' weight-loading ones included, and
+        # the global setting is put back afterwards
+        assert "Loading weights" not in capfd.readouterr().err and hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.disable_progress_bar()
     names = {r.name for r in recipes(TINY)}
     assert names <= set(res["runs"]) and "text" in res["runs"]
     for name in names:

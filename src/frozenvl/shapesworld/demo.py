@@ -227,6 +227,21 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, seeds
     to timings.json. `bases`: "tiny" (built and pretrained here, minutes) or "real" (SmolLM2-135M-Instruct
     + DINOv2-S/14 from `frozenvl bases`; shapesworld/real.py says what else differs).
     """
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    if not (progress and sys.stderr.isatty()):  # a log file: no weight-loading bars from transformers either
+        hf_logging.disable_progress_bar()
+    try:
+        return _run_demo(out, quick=quick, seed=seed, seeds=seeds, data_seed=data_seed, chat=chat, progress=progress,
+                         only=only, scale=scale, bases=bases)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def _run_demo(out: str, *, quick: bool, seed: int, seeds: int, data_seed: int | None, chat: bool | None,
+              progress: bool, only: list[str] | None, scale: Scale | None, bases: str) -> dict[str, Any]:
     import frozenvl
     from ..eval import read_eval_file
     from ..train import TrainConfig, train
