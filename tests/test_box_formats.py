@@ -10,7 +10,7 @@ import pytest
 from frozenvl.data.boxes import box_format, box_iou
 from frozenvl.eval import grounding_scores
 
-FORMATS = ["unit", "unit3", "int1000", "bins32", "bins100", "bins7"]
+FORMATS = ["unit", "unit3", "int1000", "bins32", "bins100", "bins7", "loc32", "loc8"]
 
 
 def _random_box(rng: random.Random) -> list[float]:
@@ -43,7 +43,7 @@ def test_format_texts_and_resolution():
     assert box_format(None).name == "unit" and box_format(box_format("bins32")).bins == 32
 
 
-@pytest.mark.parametrize("bad", ["bins1", "bins0", "bins100000", "unit0", "qwen", "", 3])
+@pytest.mark.parametrize("bad", ["bins1", "bins0", "bins100000", "unit0", "qwen", "", 3, "loc1", "loc"])
 def test_unknown_formats_are_clear_errors(bad):
     with pytest.raises(ValueError, match="box format"):
         box_format(bad)
@@ -57,6 +57,9 @@ def test_render_rejects_out_of_range_boxes():
 MALFORMED = {
     "bins32": ["[03,09,08]", "[03,09,08,32]", "[3,9,8,13]", "[08,09,03,13]", "[0.10,0.29,0.25,0.43]",
                "03,09,08,13", "[03,09,08,13", "[03;09;08;13]", "box", ""],
+    "loc32": ["<loc_03><loc_09><loc_08>", "<loc_03><loc_09><loc_08><loc_32>", "<loc_3><loc_9><loc_8><loc_13>",
+              "<loc_08><loc_09><loc_03><loc_13>", "[03,09,08,13]", "<loc_03>,<loc_09>,<loc_08>,<loc_13>",
+              "<loc03><loc09><loc08><loc13>"],
     "int1000": ["[120,300,250]", "[120,300,250,1000]", "[250,300,120,430]", "[0.12,0.30,0.25,0.43]", "[a,b,c,d]"],
     "unit": ["[0.12,0.30,0.25]", "[0.12,0.30,1.25,0.43]", "[0.25,0.30,0.12,0.43]", "[120,300,250,430]",
              "[0.12,0.30,0.25,-0.43]", "[nan,0.3,0.4,0.5]"],

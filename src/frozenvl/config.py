@@ -68,6 +68,9 @@ class WorkflowConfig:
     image_newline: bool = False  # anyres: a learned token after each row (of the token map, or of tiles)
     skip_token: bool = False  # anyres without unpad: an all-padding tile is not encoded but one learned token
     max_image_tokens: int | None = None  # refuse an image that would take more placeholder slots
+    # Grounding with location tokens (families/vocab.py, docs/training.md): N tokens <loc_00>.. added to
+    # the tokenizer, with embedding and head rows the workflow owns; train on data in box format loc<N>.
+    location_tokens: int = 0
 
     def validate(self) -> None:
         if self.image_mode not in IMAGE_MODES:
@@ -80,6 +83,10 @@ class WorkflowConfig:
             self.text_fallback = self.llm_train == "frozen"
 
         self._validate_tiling()
+        from .data.boxes import MAX_BINS
+
+        if self.location_tokens and not 2 <= self.location_tokens <= MAX_BINS:
+            raise ConfigError(f"location_tokens must be 0 (none) or in 2..{MAX_BINS}, got {self.location_tokens}")
         try:
             check_connector_name(self.connector)
         except ValueError as e:

@@ -135,17 +135,24 @@ class FrozenVLModel(nn.Module):
             add_layout_embeddings(module.connector, wf.image_newline, wf.skip_token)
         if module.extra_tokens():
             module.set_token_ids(self._add_tokens(module.extra_tokens()))
+        if module.location_tokens():
+            module.set_location_ids(self._add_tokens(module.location_tokens(), special=False))
         self.workflows[name] = module
         self.config.workflows[name] = wf
         self.encoded_images.clear()
         return module
 
-    def _add_tokens(self, tokens: list[str]) -> list[int]:
-        """Add special tokens to the shared tokenizer (a no-op for those it has) and return their ids.
+    def _add_tokens(self, tokens: list[str], *, special: bool = True) -> list[int]:
+        """Add tokens to the shared tokenizer (a no-op for those it has) and return their ids: special
+        ones (decoding with skip_special_tokens drops them) or plain ones (kept in decoded text).
         Text without these strings tokenizes exactly as before, so `text` is unaffected."""
+        from tokenizers import AddedToken
+
         new = [t for t in tokens if t not in self.tokenizer.get_vocab()]
-        if new:
+        if new and special:
             self.tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+        elif new:
+            self.tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in new])
         return self.tokenizer.convert_tokens_to_ids(tokens)
 
     def add_workflow(self, name: str, workflow: dict[str, Any] | WorkflowConfig) -> Family:
@@ -402,7 +409,7 @@ class FrozenVLModel(nn.Module):
             h = family.decode(h, ctx)
             if logits_to_keep:
                 h = h[:, -logits_to_keep:]
-            logits = family.lm_head(h)
+            logits = family.logits(h)
         return ModelOutput(logits=logits, past_key_values=past_key_values if use_cache else None)
 
     def _check_text_ids(self, input_ids: torch.Tensor) -> None:

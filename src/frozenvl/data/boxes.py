@@ -12,7 +12,11 @@ How a box is *written in an answer* is a :class:`BoxFormat` (:func:`box_format` 
 * ``int1000``: ``[120,300,250,430]``, integers 0-999 (Qwen-VL's scale), no padding;
 * ``bins<N>`` (e.g. ``bins32``): a coarse grid of N cells per axis, written as fixed-width
   zero-padded integers (``[03,09,08,13]`` for N=32), so every coordinate is the same number of
-  digit tokens and each digit's place in the answer says what it means.
+  digit tokens and each digit's place in the answer says what it means;
+* ``loc<N>`` (e.g. ``loc32``): the same grid written as N location tokens, one per coordinate
+  (``<loc_03><loc_09><loc_08><loc_13>``), as Kosmos-2 / PaliGemma / Florence-2 do. A workflow
+  trained on it needs ``location_tokens: N``, which gives those tokens the workflow's own embedding
+  and head rows (families/vocab.py); without it they are plain text to the tokenizer.
 
 A format renders a 0-1 box (:meth:`BoxFormat.render`) and parses every box of its own syntax
 back to 0-1 (:meth:`BoxFormat.parse`); anything else in a model's output (3 numbers, a value out
@@ -115,7 +119,8 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
 # ----------------------------------------------------------------------------- answer formats
 
 _INT_BOX_RE = re.compile(r"\[\s*" + r"\s*,\s*".join([r"(\d+)"] * 4) + r"\s*\]")
-_FORMAT_RE = re.compile(r"^(?:(?P<unit>unit)(?P<decimals>\d?)|(?P<int>int1000)|bins(?P<bins>\d+))$")
+_LOC_BOX_RE = re.compile(r"\s*".join([r"<loc_(\d+)>"] * 4))
+_FORMAT_RE = re.compile(r"^(?:(?P<unit>unit)(?P<decimals>\d?)|(?P<int>int1000)|bins(?P<bins>\d+)|loc(?P<loc>\d+))$")
 MAX_BINS = 10_000  # a grid finer than this is not a coarse format any more
 
 
@@ -125,13 +130,15 @@ class BoxFormat:
 
     `bins`: cells per axis for the integer formats (a 0-1 value v is cell ``min(bins-1,
     floor(v*bins))``, read back as the cell's centre); `width`: digits of a zero-padded cell
-    (0 = no padding). Build one with :func:`box_format`.
+    (0 = no padding); `tokens`: cells written as location tokens ``<loc_NN>`` instead of a
+    bracketed list. Build one with :func:`box_format`.
     """
 
     name: str
     decimals: int = 2
     bins: int | None = None
     width: int = 0
+    tokens: bool = False
 
     @property
     def resolution(self) -> float:
@@ -146,6 +153,8 @@ class BoxFormat:
         if self.bins is None:
             return format_box(values, self.decimals)
         cells = [min(self.bins - 1, math.floor(v * self.bins)) for v in values]
+        if self.tokens:
+            return "".join(f"<loc_{c:0{self.width}d}>" for c in cells)
         return "[" + ",".join(f"{c:0{self.width}d}" for c in cells) + "]"
 
     def render_many(self, boxes: Sequence[Sequence[float]]) -> str:
@@ -162,7 +171,7 @@ class BoxFormat:
                 if all(0.0 <= v <= 1.0 for v in values) and _ordered(values):
                     out.append(values)
             return out
-        for m in _INT_BOX_RE.finditer(text):
+        for m in (_LOC_BOX_RE if self.tokens else _INT_BOX_RE).finditer(text):
             if self.width and any(len(g) != self.width for g in m.groups()):
                 continue
             cells = [int(g) for g in m.groups()]
@@ -180,14 +189,14 @@ def _ordered(values: Sequence[float]) -> bool:
 
 
 def box_format(spec: str | BoxFormat | None) -> BoxFormat:
-    """The :class:`BoxFormat` named `spec`: ``unit`` / ``unit<D>`` (D decimals), ``int1000`` or
-    ``bins<N>`` (2 <= N <= 10000); None = ``unit``. A format passes through."""
+    """The :class:`BoxFormat` named `spec`: ``unit`` / ``unit<D>`` (D decimals), ``int1000``,
+    ``bins<N>`` or ``loc<N>`` (2 <= N <= 10000); None = ``unit``. A format passes through."""
     if isinstance(spec, BoxFormat):
         return spec
     spec = "unit" if spec is None else spec
     m = _FORMAT_RE.match(spec) if isinstance(spec, str) else None
     if m is None:
-        raise ValueError(f"unknown box format {spec!r}; valid: 'unit', 'unit<decimals>', 'int1000', 'bins<N>'")
+        raise ValueError(f"unknown box format {spec!r}; valid: 'unit', 'unit<decimals>', 'int1000', 'bins<N>', 'loc<N>'")
     if m["unit"]:
         decimals = int(m["decimals"] or 2)
         if decimals < 1:
@@ -195,7 +204,7 @@ def box_format(spec: str | BoxFormat | None) -> BoxFormat:
         return BoxFormat(spec, decimals=decimals)
     if m["int"]:
         return BoxFormat(spec, bins=1000)
-    bins = int(m["bins"])
+    bins = int(m["bins"] or m["loc"])
     if not 2 <= bins <= MAX_BINS:
         raise ValueError(f"box format {spec!r}: bins must be in 2..{MAX_BINS}")
-    return BoxFormat(spec, bins=bins, width=len(str(bins - 1)))
+    return BoxFormat(spec, bins=bins, width=len(str(bins - 1)), tokens=m["loc"] is not None)

@@ -48,6 +48,7 @@ the same cache; a fresh cache without that entry means "no images".
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,13 +125,14 @@ def per_row_visual(key: str, ctx: DecodeContext, batch: int) -> torch.Tensor | N
     return visual
 
 
-def embed_without_placeholders(table: nn.Embedding, input_ids: torch.Tensor, family: str) -> torch.Tensor:
+def embed_without_placeholders(embed_text: Callable[[torch.Tensor], torch.Tensor], input_ids: torch.Tensor,
+                               family: str) -> torch.Tensor:
     if (input_ids == IMAGE_TOKEN_ID).any():
         raise ValueError(
             f"the {family} family keeps images out of the token sequence, but input_ids hold image placeholders: "
             "tokenize with the workflow's tokens_per_image (0), e.g. through model.prepare_inputs"
         )
-    return table(input_ids)
+    return embed_text(input_ids)
 
 
 def repeat_kv_heads(x: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
@@ -339,7 +341,7 @@ class AdaptionPromptFamily(Family):
 
     # ---- the forward pass ----------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
-        return embed_without_placeholders(self.embed_tokens(), input_ids, self.name)
+        return embed_without_placeholders(self.embed_text, input_ids, self.name)
 
     def decode(self, h: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
         ctx.state["visual"] = per_row_visual(f"{self.name}.visual", ctx, h.shape[0]) if self.uses_images else None

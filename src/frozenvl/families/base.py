@@ -31,6 +31,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from ..config import ConfigError, WorkflowConfig
 from ..vision.connectors import build_connector, takes_pixels
 from .architectures import cache_kwarg, check_architecture, takes_parameter
+from .vocab import embed_with_rows, location_token_names, logits_with_rows, mean_rows
 
 from ..constants import IMAGE_TOKEN_ID
 
@@ -161,6 +162,15 @@ class Family(nn.Module):
             if self.uses_images and (vision_hidden is not None or takes_pixels(cfg.connector))
             else None
         )
+        if cfg.location_tokens:
+            # Location tokens' own rows: embeddings drawn around the base rows' mean at their spread (so
+            # they start apart), head rows at the mean (every location equally likely at first).
+            n = cfg.location_tokens
+            self.loc_embed = nn.Parameter(mean_rows(self.lm.embed_tokens.weight, n, noise=1.0))
+            self.loc_head = nn.Parameter(mean_rows(self.lm.lm_head.weight, n))
+            self.register_buffer("loc_token_ids", torch.full((n,), -1, dtype=torch.long,
+                                                             device=self.loc_embed.device), persistent=False)
+            self._loc_ids: list[int] | None = None
 
     # ---- names a training stage can select -------------------------------------------------
     def parts(self) -> dict[str, list[nn.Parameter]]:
@@ -172,6 +182,8 @@ class Family(nn.Module):
             parts["llm"] = list(self.own_llm.parameters())
         elif self.cfg.llm_train == "lora":
             parts["llm"] = [p for n, p in self.own_llm.named_parameters() if "lora_" in n]
+        if self.cfg.location_tokens:
+            parts["location"] = [self.loc_embed, self.loc_head]
         return parts
 
     def owned_state_dict(self) -> dict[str, torch.Tensor]:
@@ -186,6 +198,39 @@ class Family(nn.Module):
 
     def set_token_ids(self, ids: list[int]) -> None:
         """The tokenizer ids `extra_tokens` got; called when the workflow is attached to a model."""
+
+    def location_tokens(self) -> list[str]:
+        """The workflow's location tokens (plain, not special: decoded text keeps them), or []."""
+        return location_token_names(self.cfg.location_tokens) if self.cfg.location_tokens else []
+
+    def set_location_ids(self, ids: list[int]) -> None:
+        """The tokenizer ids `location_tokens` got; called when the workflow is attached to a model."""
+        if len(ids) != self.cfg.location_tokens or len(set(ids)) != len(ids):
+            raise ValueError(f"{len(ids)} distinct ids expected for {self.cfg.location_tokens} location tokens, got {ids}")
+        self._loc_ids = list(ids)
+        self.loc_token_ids = torch.tensor(ids, dtype=torch.long, device=self.loc_embed.device)
+
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings of `input_ids` (no image placeholders): the family's table, and the
+        workflow's own rows for its location tokens."""
+        table = self.embed_tokens()
+        if not self.cfg.location_tokens:
+            return table(input_ids)
+        if self._loc_ids is None:
+            raise RuntimeError("location token ids are not set: attach the workflow to a model (or call set_location_ids)")
+        return embed_with_rows(table, input_ids, self.loc_token_ids, self.loc_embed)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Output logits of final hidden states: the family's head (`lm_head`), widened by the
+        location tokens' columns where the workflow has them."""
+        out = self.lm_head(h)
+        if not self.cfg.location_tokens:
+            return out
+        if self._loc_ids is None:
+            raise RuntimeError("location token ids are not set: attach the workflow to a model (or call set_location_ids)")
+        # capped as the base caps its logits (Gemma2/3), like the head's own columns
+        extra = self.lm.finish_logits(F.linear(h, self.loc_head.to(h.dtype)))
+        return logits_with_rows(out, extra, self._loc_ids)
 
     # ---- images -----------------------------------------------------------------------------
     def image_tokens_per_image(self, num_vision_tokens: int) -> int:
@@ -205,9 +250,8 @@ class Family(nn.Module):
         return self.lm.embed_tokens
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
-        table = self.embed_tokens()
         is_image = input_ids == IMAGE_TOKEN_ID
-        h = table(input_ids.masked_fill(is_image, 0))
+        h = self.embed_text(input_ids.masked_fill(is_image, 0))
         if image_embeds is not None and image_embeds.shape[1] > 0:  # (a count of image tokens, not vision tokens)
             n_slots, n_given = int(is_image.sum()), image_embeds.shape[0] * image_embeds.shape[1]
             if n_slots != n_given:

@@ -264,7 +264,7 @@ class BindFamily(Family):
 
     # ---- the forward pass ----------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
-        return embed_without_placeholders(self.embed_tokens(), input_ids, self.name)
+        return embed_without_placeholders(self.embed_text, input_ids, self.name)
 
     def decode(self, h: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
         visual = per_row_visual(f"{self.name}.visual", ctx, h.shape[0])

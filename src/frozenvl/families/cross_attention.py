@@ -48,6 +48,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from ..config import ConfigError, WorkflowConfig
 from ..vision.perceiver import ACTIVATIONS, PerceiverResampler
 from .base import IMAGE_TOKEN_ID, DecodeContext, Family, cache_state, check_layer_indices
+from .vocab import embed_with_rows, logits_with_rows, mean_rows
 
 STYLES = ("openflamingo", "idefics")
 MEDIA_ATTENTION = ("latest", "all_previous")
@@ -229,15 +230,11 @@ class CrossAttentionFamily(Family):
             else None
         )
         # New tokens start at the mean of the base rows (a neutral point in the model's own space).
-        base_embed, base_head = self.lm.embed_tokens.weight, self.lm.lm_head.weight
         k = len(cfg.extra_tokens)
-        self.token_embed = nn.Parameter(base_embed.detach().float().mean(0).repeat(k, 1).to(dtype))
-        self.token_head = nn.Parameter(base_head.detach().float().mean(0).repeat(k, 1).to(dtype))
+        self.token_embed = nn.Parameter(mean_rows(self.lm.embed_tokens.weight, k).to(dtype))
+        self.token_head = nn.Parameter(mean_rows(self.lm.lm_head.weight, k).to(dtype))
         self.register_buffer("token_ids", torch.full((k,), -1, dtype=torch.long), persistent=False)
-        self.base_vocab = base_embed.shape[0]
-        self._ids_set = False
-        self._appended = False  # ids right after the base vocabulary
-        self._out_size = self.base_vocab  # logits width
+        self._id_list: list[int] | None = None
 
     # ---- tokens --------------------------------------------------------------------------------
     def extra_tokens(self) -> list[str]:
@@ -248,9 +245,7 @@ class CrossAttentionFamily(Family):
         if len(ids) != len(self.cfg.extra_tokens):
             raise ValueError(f"{len(ids)} ids for {len(self.cfg.extra_tokens)} extra tokens")
         self.token_ids = torch.tensor(ids, dtype=torch.long, device=self.token_embed.device)
-        self._ids_set = True
-        self._appended = ids == list(range(self.base_vocab, self.base_vocab + len(ids)))
-        self._out_size = max(self.base_vocab, max(ids) + 1)
+        self._id_list = list(ids)
 
     def parts(self) -> dict[str, list[nn.Parameter]]:
         parts = super().parts()
@@ -274,7 +269,7 @@ class CrossAttentionFamily(Family):
 
     # ---- the forward pass ----------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
-        if not self._ids_set:
+        if self._id_list is None:
             raise RuntimeError("cross_attention token ids are not set: attach the workflow to a model (or call set_token_ids)")
         is_image = input_ids == IMAGE_TOKEN_ID
         n_images = 0 if image_embeds is None else image_embeds.shape[0]
@@ -283,27 +278,16 @@ class CrossAttentionFamily(Family):
                 f"input has {int(is_image.sum())} <image> positions but {n_images} image(s) were given: "
                 "one <image> per image is expected"
             )
-        match = input_ids.unsqueeze(-1) == self.token_ids  # [B, T, k]
-        is_extra = match.any(-1)
-        which = match.long().argmax(-1)
-        which = which.masked_fill(is_image, self.cfg.extra_tokens.index(self.cfg.image_token))
-        is_extra = is_extra | is_image
-        h = self.lm.embed_tokens(input_ids.masked_fill(is_extra, 0))
-        # F.embedding, not token_embed[which]: its backward sums in a fixed order (indexing's adds atomically
-        # on CPU, so runs and resumed trainings would drift apart)
-        return torch.where(is_extra.unsqueeze(-1), F.embedding(which, self.token_embed).to(h.dtype), h)
+        # an image placeholder is the <image> token itself; the media reach the blocks, not the embeddings
+        image_id = self._id_list[self.cfg.extra_tokens.index(self.cfg.image_token)]
+        return embed_with_rows(self.embed_text, input_ids.masked_fill(is_image, image_id), self.token_ids,
+                               self.token_embed)
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         # each part capped as the base caps its logits (Gemma2/3), before padding with the dtype's minimum
         base = self.lm.finish_logits(self.lm.lm_head(h))
         extra = self.lm.finish_logits(F.linear(h, self.token_head.to(h.dtype)))
-        if self._appended:  # ids right after the base vocabulary (IDEFICS' additional vocabulary)
-            return torch.cat([base, extra], dim=-1)
-        # Ids inside the base vocabulary range (a tokenizer shorter than the embedding table) take the
-        # new rows' logits; ids beyond it extend the output.
-        if self._out_size > base.shape[-1]:
-            base = F.pad(base, (0, self._out_size - base.shape[-1]), value=torch.finfo(base.dtype).min)
-        return base.index_copy(-1, self.token_ids, extra)
+        return logits_with_rows(base, extra, self._id_list)
 
     def decode(self, h: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
         self._prepare_media(ctx, h.shape[0])
