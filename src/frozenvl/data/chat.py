@@ -83,12 +83,13 @@ def sample_error(sample_id: str, message: str, kind: str = "bad_format") -> Samp
     return SampleError(f"sample {sample_id!r}: {message}", kind=kind, sample_id=sample_id)
 
 
-def check_encoding_args(max_length: int | None, truncation: str, tokens_per_image: int) -> None:
+def check_encoding_args(max_length: int | None, truncation: str, tokens_per_image: int | Sequence[int]) -> None:
     if truncation not in TRUNCATION_MODES:
         raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
     if max_length is not None and max_length <= 0:
         raise ValueError(f"max_length must be positive, got {max_length}")
-    if tokens_per_image < 0:
+    counts = [tokens_per_image] if isinstance(tokens_per_image, int) else list(tokens_per_image)
+    if any(c < 0 for c in counts):
         raise ValueError(f"tokens_per_image must be >= 0, got {tokens_per_image}")
 
 
@@ -341,9 +342,10 @@ def derive_assistant_spans(
 
 
 def tokenize_with_image_offsets(
-    tokenizer, text: str, tokens_per_image: int
+    tokenizer, text: str, tokens_per_image: int | Sequence[int]
 ) -> tuple[list[int], list[tuple[int, int]]]:
-    """:func:`~frozenvl.data.prompt.tokenize_with_images` (no added special tokens), plus offsets.
+    """:func:`~frozenvl.data.prompt.tokenize_with_images` (no added special tokens), plus offsets;
+    `tokens_per_image` is one count for every image or one per image (tiled images).
 
     Returns ``(ids, offsets)``: ``offsets[i]`` is the ``(start, end)`` character span of token
     ``i`` in ``text``; the image slots get the span of their ``<image>`` placeholder.
@@ -352,11 +354,15 @@ def tokenize_with_image_offsets(
     ids: list[int] = []
     offsets: list[tuple[int, int]] = []
     pos = 0
-    for k, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
+    chunks = text.split(IMAGE_PLACEHOLDER)
+    per_image = [tokens_per_image] * (len(chunks) - 1) if isinstance(tokens_per_image, int) else list(tokens_per_image)
+    if len(per_image) != len(chunks) - 1:
+        raise ValueError(f"{len(chunks) - 1} <image> placeholder(s) but token counts for {len(per_image)} image(s)")
+    for k, chunk in enumerate(chunks):
         if k > 0:
             span = (pos - len(IMAGE_PLACEHOLDER), pos)
-            ids.extend([IMAGE_TOKEN_ID] * tokens_per_image)
-            offsets.extend([span] * tokens_per_image)
+            ids.extend([IMAGE_TOKEN_ID] * per_image[k - 1])
+            offsets.extend([span] * per_image[k - 1])
         if chunk:
             try:
                 enc = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
@@ -404,13 +410,14 @@ def encode_conversation(
     tokenizer,
     messages: list[dict],
     *,
-    tokens_per_image: int,
+    tokens_per_image: int | Sequence[int],
     max_length: int | None = None,
     truncation: str = "skip",
     sample_id: str = "?",
     num_images: int | None = None,
 ) -> EncodedSample:
-    """Chat messages -> input ids (``<image>`` -> ``tokens_per_image`` IMAGE_TOKEN_ID slots) and labels.
+    """Chat messages -> input ids (``<image>`` -> ``tokens_per_image`` IMAGE_TOKEN_ID slots, or one
+    count per image for tiled images) and labels.
 
     Labels are the token id for tokens inside the assistant answers: the chat template's
     ``{% generation %}`` blocks if it has them, else the spans :func:`derive_assistant_spans` finds

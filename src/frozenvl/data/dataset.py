@@ -44,7 +44,8 @@ import torch
 
 from ..constants import IMAGE_TOKEN_ID
 from ..inputs import rows_from_counts
-from ..vision.images import ImageError, ImagePreprocessor
+from ..vision.images import ImageError, ImagePreprocessor, load_image
+from ..vision.tiling import TiledPixels, TiledPreprocessor
 from .chat import (
     IGNORE_INDEX,
     EncodedSample,
@@ -194,7 +195,7 @@ def encode_document(
     tokenizer,
     text: str,
     *,
-    tokens_per_image: int,
+    tokens_per_image: int | Sequence[int],
     max_length: int | None = None,
     truncation: str = "skip",
     sample_id: str = "?",
@@ -263,7 +264,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         *,
         tokenizer,
         tokens_per_image: int,
-        preprocessor: ImagePreprocessor | None,
+        preprocessor: ImagePreprocessor | TiledPreprocessor | None,
         image_root: str | os.PathLike[str] | None = None,
         max_length: int | None = None,
         truncation: str = "skip",
@@ -356,10 +357,11 @@ class ConversationDataset(torch.utils.data.Dataset):
                     "'image' is not used with 'document': images go in the document as {\"image\": path} items",
                 )
             text, images = parse_document(record["document"], sample_id=sample_id)
+            paths = self._checked_paths(images, sample_id)
             enc = encode_document(
                 self.tokenizer,
                 text,
-                tokens_per_image=self.tokens_per_image,
+                tokens_per_image=self._slots(paths, sample_id),
                 max_length=self.max_length,
                 truncation=self.truncation,
                 sample_id=sample_id,
@@ -368,16 +370,20 @@ class ConversationDataset(torch.utils.data.Dataset):
             raise sample_error(sample_id, "no 'conversations' (or 'document')", "bad_format")
         else:
             images = self._image_list(record, sample_id)
+            paths = self._checked_paths(images, sample_id)
             messages = to_messages(record["conversations"], sample_id=sample_id)
             enc = encode_conversation(
                 self.tokenizer,
                 messages,
-                tokens_per_image=self.tokens_per_image,
+                tokens_per_image=self._slots(paths, sample_id),
                 max_length=self.max_length,
                 truncation=self.truncation,
                 sample_id=sample_id,
                 num_images=len(images),
             )
+        return enc, paths
+
+    def _checked_paths(self, images: list[str], sample_id: str) -> tuple[Path, ...]:
         paths = tuple(self.image_root / p for p in images)
         for p in paths:
             if not p.is_file():
@@ -386,7 +392,21 @@ class ConversationDataset(torch.utils.data.Dataset):
             raise ValueError(
                 f"{self.path}: sample {sample_id!r} has images but the dataset was given no preprocessor"
             )
-        return enc, paths
+        return paths
+
+    def _slots(self, paths: tuple[Path, ...], sample_id: str) -> int | list[int]:
+        """Image slots: `tokens_per_image` for each image, or for a tiled workflow one count per image
+        from its tile layout (which follows its size: the image is read and cut once, here)."""
+        if not paths or not isinstance(self.preprocessor, TiledPreprocessor):
+            return self.tokens_per_image
+        counts = []
+        for p in paths:
+            try:
+                img = load_image(str(p), max_pixels=self.preprocessor.base.max_pixels)
+            except ImageError as exc:
+                raise sample_error(sample_id, f"bad image: {exc}", "bad_image") from exc
+            counts.append(self.preprocessor.cut(img)[1].num_tokens(self.tokens_per_image))
+        return counts
 
     # ----------------------------------------------------------------- access
 
@@ -461,9 +481,16 @@ def collate(batch: Sequence[dict[str, Any] | None], pad_token_id: int) -> dict[s
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
-        "pixel_values": torch.cat(pixels, dim=0) if pixels else None,
+        "pixel_values": _cat_pixels(pixels) if pixels else None,
         "image_rows": rows_from_counts(counts) if pixels else None,
     }
+
+
+def _cat_pixels(pixels: list) -> torch.Tensor | TiledPixels:
+    """Every item's images in order: one [N, 3, H, W] tensor, or one TiledPixels for tiled workflows."""
+    if isinstance(pixels[0], TiledPixels):
+        return TiledPixels.cat(pixels)
+    return torch.cat(pixels, dim=0)
 
 
 class ModalityLengthGroupedSampler(torch.utils.data.Sampler[int]):
