@@ -1,7 +1,7 @@
 """Decode speed of the ``wings`` workflow against ``prefix`` on the same base, and against no-cache decoding.
 
 One random Llama (built in code with ``frozenvl.tiny``: hidden 512, 8 layers, 8 heads / 4 key/value heads,
-intermediate 2048) and a CLIP tower (112 px / patch 16, so 49 image tokens per image), one model with two
+intermediate 2048; ``--hidden`` scales it: heads of 64, half as many key/value heads, MLP 4x) and a CLIP tower (112 px / patch 16, so 49 image tokens per image), one model with two
 workflows on it: ``prefix`` and ``wings`` (learners in all 8 layers, rank 8, router hidden 16) with the same
 connector; the wings learners and router are perturbed (noise of std 0.05) so that they do real work
 (at init B = 0 and every learner adds zeros). Greedy, fp32 on CPU, exactly ``--tokens`` new tokens per row
@@ -18,7 +18,7 @@ the vision tower. ``recompute`` times that loop at batch 1 (the model's forward 
 with the pixels, the encoded-image cache cleared before each step, ``--recompute-tokens`` tokens) and the
 table prints wings' cached decode tokens/s over it.
 
-    python benchmarks/bench_wings.py [--tokens 128] [--repeats 3] [--threads 1] [--batches 1,4]
+    python benchmarks/bench_wings.py [--tokens 128] [--repeats 3] [--threads 1] [--batches 1,4] [--hidden 512]
 
 Nothing is downloaded. A short check: ``--tokens 16 --repeats 1 --recompute-tokens 16``.
 """
@@ -77,8 +77,9 @@ def decode_rate(first: float, full: float, new_tokens: int, batch: int) -> float
 
 def build(root: Path, args) -> frozenvl.FrozenVLModel:
     tok = build_tokenizer(root / "tok")
-    llm = build_llm(root / "llm", tokenizer_dir=root / "tok", hidden_size=512, num_layers=8, num_heads=8,
-                    num_kv_heads=4, intermediate_size=2048, initializer_range=0.1)
+    hidden = args.hidden
+    llm = build_llm(root / "llm", tokenizer_dir=root / "tok", hidden_size=hidden, num_layers=8, num_heads=hidden // 64,
+                    num_kv_heads=hidden // 128, intermediate_size=4 * hidden, initializer_range=0.1)
     vis = build_vision(root / "vision", image_size=112, patch_size=16, hidden_size=256, num_layers=4, num_heads=4)
     del tok
     model = frozenvl.build(llm, vis, workflows={"wings": {"family": "wings"}, "prefix": {"family": "prefix"}})
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--recompute-tokens", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=512,
+                    help="the LLM's hidden size (heads of 64, half as many key/value heads, MLP 4x)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start, load_start = time.perf_counter(), load_average()
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{med['wings'] / med['prefix']:.2f}", "yes" if ratio >= TARGET else "NO", str(distinct)])
             mismatched |= distinct < 3
         print(f"python {platform.python_version()}, torch {torch.__version__}, {args.threads} thread(s), "
-              f"{n} new tokens, {args.repeats} repeat(s)")
+              f"{n} new tokens, {args.repeats} repeat(s), LLM hidden {args.hidden}")
         print_table("decode tokens/s: wings vs prefix (same base, same connector)",
                     ["batch", "wings tok/s (best)", "prefix tok/s (best)", "ratio best", "ratio median",
                      f">= {TARGET}", "distinct tokens/row (wings)"], rows)
