@@ -35,6 +35,11 @@ _PANELS = [  # (metric, title, baseline in results["baselines"] or None)
 _BASELINE_NAME = {"majority": "majority answer per type", "constant_box": "median training box"}
 
 
+
+def _printable(text: str) -> str:
+    """`text` with every non-printable character (control codes, ...) shown as "?"."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
 def _colours(names: list[str]) -> dict[str, Any]:
     """One colour per workflow, the same in every figure; the base LLM ("text") in grey."""
     cmap = plt.get_cmap("tab10")
@@ -254,6 +259,7 @@ def _examples(path: str, out: str, preds: dict[str, dict[str, list[dict[str, Any
                 lines.append((f"  {name:<16} {answer[:32]!s}  [{mark}]", colours[name]))
         tx.axis("off")
         for i, (text, colour) in enumerate(lines):
+            text = _printable(text)  # a model's raw output may hold control characters no font has
             tx.text(0.0, 1.0 - i / max(16, len(lines)), text, transform=tx.transAxes, fontsize=9, color=colour,
                     va="top", family="monospace")
     fig.suptitle("Example eval scenes: each workflow's predicted box and answer (first seed)", fontsize=12)
