@@ -308,24 +308,24 @@ def test_gradients_reach_only_the_workflow(bases, images):
 
 
 def test_training_on_shapesworld_lowers_the_loss_and_keeps_the_base(sharp_llm, tmp_path):
-    """Both stages of the recipe on ShapesWorld captions (the std-0.2 base: at 0.02 the tiny head's logits
-    are too flat for any adapter to lower the loss much)."""
+    """Both stages of the recipe on ShapesWorld captions, 300 steps in all (the std-0.2 base: at 0.02 the
+    tiny head's logits are too flat for any adapter to lower the loss much)."""
     from frozenvl.shapesworld.writer import generate
 
     llm, vis = sharp_llm
     generate(tmp_path / "sw", seed=0, n_train_images=64, n_eval_images=0, n_text_train=0, tasks=("caption",))
     model = frozenvl.build(llm, vis, workflows={})
     before = base_checksum(model)
-    stages = [{**stage, "steps": 25, "lr": 1e-2, "schedule": "constant"} for stage in STAGES]
+    stages = [{**stage, "steps": 150, "lr": 3e-3, "schedule": "constant"} for stage in STAGES]
     cfg = {"llm": llm, "vision": vis, "output_dir": str(tmp_path / "run"), "workflow": {"name": "mm", **WINGS},
            "data": {"train": str(tmp_path / "sw" / "train_mm.json"), "max_length": 256}, "stages": stages,
            "log_every": 1, "save_every": 0}
     res = train(cfg, model=model, show_progress=False)
     assert res.base_unchanged and base_checksum(model) == before
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "metrics.jsonl")]
-    assert len(losses) == 50
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < 0.7 * first, (first, last)
+    assert len(losses) == 300
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.4 * first, (first, last)  # measured: 6.94 -> 1.11
     # the saved workflow holds only its own weights, and loads back to the same outputs
     saved = load_file(str(tmp_path / "run" / "workflow-mm.safetensors"))
     assert {k.split(".")[0] for k in saved} == {"connector", "visual", "textual", "router"}
