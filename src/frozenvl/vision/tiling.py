@@ -320,13 +320,6 @@ class TiledPixels:
     def per_image(self) -> list[torch.Tensor]:
         return list(self.tiles.split(self.counts))
 
-    @classmethod
-    def cat(cls, parts: Sequence["TiledPixels"]) -> "TiledPixels":
-        """Several samples' tiled images as one, in order (a training batch's images)."""
-        if not parts or not all(isinstance(p, TiledPixels) for p in parts):
-            raise TypeError("TiledPixels.cat needs a non-empty list of TiledPixels (tiled and untiled images do not mix)")
-        return cls(torch.cat([p.tiles for p in parts]), tuple(lay for p in parts for lay in p.layouts))
-
     def select(self, indices: Sequence[int]) -> "TiledPixels":
         parts = self.per_image()
         return TiledPixels(torch.cat([parts[i] for i in indices]), tuple(self.layouts[i] for i in indices))
