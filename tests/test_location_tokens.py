@@ -47,10 +47,11 @@ def test_config_rejects_bad_counts():
 def test_logits_with_rows_appends_or_writes_in_place():
     base = torch.arange(12.0).view(2, 6)
     extra = torch.tensor([[100.0, 101.0], [200.0, 201.0]])
-    assert torch.equal(logits_with_rows(base, extra, [6, 7]), torch.cat([base, extra], -1))
-    inside = logits_with_rows(base, extra, [1, 4])  # a tokenizer shorter than the table: ids inside it
+    rows = lambda ids: logits_with_rows(base, extra, ids, torch.tensor(ids))  # noqa: E731
+    assert torch.equal(rows([6, 7]), torch.cat([base, extra], -1))
+    inside = rows([1, 4])  # a tokenizer shorter than the table: ids inside it
     assert inside.shape == (2, 6) and inside[0, 1] == 100 and inside[1, 4] == 201 and inside[0, 0] == 0
-    beyond = logits_with_rows(base, extra, [8, 9])  # a gap (another workflow's ids) is never sampled
+    beyond = rows([8, 9])  # a gap (another workflow's ids) is never sampled
     assert beyond.shape == (2, 10) and beyond[0, 6] == torch.finfo(base.dtype).min and beyond[1, 9] == 201
 
 

@@ -210,14 +210,18 @@ class Family(nn.Module):
         self._loc_ids = list(ids)
         self.loc_token_ids = torch.tensor(ids, dtype=torch.long, device=self.loc_embed.device)
 
+    def _location_ids(self) -> list[int]:
+        if self._loc_ids is None:
+            raise RuntimeError("location token ids are not set: attach the workflow to a model (or call set_location_ids)")
+        return self._loc_ids
+
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings of `input_ids` (no image placeholders): the family's table, and the
         workflow's own rows for its location tokens."""
         table = self.embed_tokens()
         if not self.cfg.location_tokens:
             return table(input_ids)
-        if self._loc_ids is None:
-            raise RuntimeError("location token ids are not set: attach the workflow to a model (or call set_location_ids)")
+        self._location_ids()
         return embed_with_rows(table, input_ids, self.loc_token_ids, self.loc_embed)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -226,11 +230,10 @@ class Family(nn.Module):
         out = self.lm_head(h)
         if not self.cfg.location_tokens:
             return out
-        if self._loc_ids is None:
-            raise RuntimeError("location token ids are not set: attach the workflow to a model (or call set_location_ids)")
+        ids = self._location_ids()
         # capped as the base caps its logits (Gemma2/3), like the head's own columns
         extra = self.lm.finish_logits(F.linear(h, self.loc_head.to(h.dtype)))
-        return logits_with_rows(out, extra, self._loc_ids)
+        return logits_with_rows(out, extra, ids, self.loc_token_ids)
 
     # ---- images -----------------------------------------------------------------------------
     def image_tokens_per_image(self, num_vision_tokens: int) -> int:

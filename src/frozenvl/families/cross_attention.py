@@ -287,7 +287,7 @@ class CrossAttentionFamily(Family):
         # each part capped as the base caps its logits (Gemma2/3), before padding with the dtype's minimum
         base = self.lm.finish_logits(self.lm.lm_head(h))
         extra = self.lm.finish_logits(F.linear(h, self.token_head.to(h.dtype)))
-        return logits_with_rows(base, extra, self._id_list)
+        return logits_with_rows(base, extra, self._id_list, self.token_ids)
 
     def decode(self, h: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
         self._prepare_media(ctx, h.shape[0])

@@ -42,23 +42,23 @@ def embed_with_rows(lookup: Callable[[torch.Tensor], torch.Tensor], input_ids: t
     match = input_ids.unsqueeze(-1) == token_ids  # [B, T, k]
     is_new = match.any(-1)
     h = lookup(input_ids.masked_fill(is_new, 0))
-    if not bool(is_new.any()):
-        return h
+    # always the select, never "if is_new.any()": that would sync with the device at every decode step
     # F.embedding, not rows[which]: its backward sums in a fixed order (indexing's adds atomically on
     # CPU, so runs and resumed trainings would drift apart)
     which = match.long().argmax(-1)
     return torch.where(is_new.unsqueeze(-1), F.embedding(which, rows).to(h.dtype), h)
 
 
-def logits_with_rows(logits: torch.Tensor, extra: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
-    """`logits` [.., V] with the new tokens' logits `extra` [.., k] at `token_ids`: concatenated when the
-    ids follow the last column, else written into (and, beyond V, padded to) their columns; a
-    padded column that belongs to no one gets the dtype's minimum (never sampled)."""
+def logits_with_rows(logits: torch.Tensor, extra: torch.Tensor, token_ids: list[int],
+                     index: torch.Tensor) -> torch.Tensor:
+    """`logits` [.., V] with the new tokens' logits `extra` [.., k] at `token_ids` (`index`: the same ids
+    as a tensor on the logits' device, kept by the caller so no step copies them there): concatenated
+    when the ids follow the last column, else written into (and, beyond V, padded to) their columns;
+    a padded column that belongs to no one gets the dtype's minimum (never sampled)."""
     width = logits.shape[-1]
     if token_ids == list(range(width, width + len(token_ids))):
         return torch.cat([logits, extra], dim=-1)
     need = max(token_ids) + 1
     if need > width:
         logits = F.pad(logits, (0, need - width), value=torch.finfo(logits.dtype).min)
-    index = torch.tensor(token_ids, dtype=torch.long, device=logits.device)
     return logits.index_copy(-1, index, extra)
