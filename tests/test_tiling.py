@@ -178,6 +178,14 @@ def _wide(w=300, h=20, colour=(30, 60, 200)):
     return img
 
 
+def test_layout_from_the_size_alone_equals_the_cut(tiled_model):
+    """The dataset counts slots from `layout(size)` without cutting: it must be `cut`'s layout."""
+    for task in TILED:
+        pre = tiled_model.preprocessor(task)
+        for w, h in [(32, 32), (300, 20), (20, 300), (40, 90), (200, 25), (64, 33), (97, 61), (1, 50), (500, 499)]:
+            assert pre.layout((h, w)) == pre.cut(_image(w, h))[1], (task, w, h)
+
+
 def test_slots_follow_each_images_tiles(tiled_model, images):
     for task in TILED:
         pv = tiled_model.pixel_values([images[0], images[1], _wide()], task)

@@ -396,7 +396,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def _slots(self, paths: tuple[Path, ...], sample_id: str) -> int | list[int]:
         """Image slots: `tokens_per_image` for each image, or for a tiled workflow one count per image
-        from its tile layout (which follows its size: the image is read and cut once, here)."""
+        from its tile layout (which follows its size: the image is read once here, not cut)."""
         if not paths or not isinstance(self.preprocessor, TiledPreprocessor):
             return self.tokens_per_image
         counts = []
@@ -405,7 +405,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                 img = load_image(str(p), max_pixels=self.preprocessor.base.max_pixels)
             except ImageError as exc:
                 raise sample_error(sample_id, f"bad image: {exc}", "bad_image") from exc
-            counts.append(self.preprocessor.cut(img)[1].num_tokens(self.tokens_per_image))
+            counts.append(self.preprocessor.layout((img.height, img.width)).num_tokens(self.tokens_per_image))
         return counts
 
     # ----------------------------------------------------------------- access

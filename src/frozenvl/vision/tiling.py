@@ -230,16 +230,22 @@ def dynamic_tiles(
     resample: int = Image.Resampling.BICUBIC,
 ) -> tuple[list[Image.Image], TileLayout]:
     """InternVL's dynamic tiling of an RGB image: (tiles in reading order [+ thumbnail], layout)."""
-    rows, cols = select_tile_grid((img.height, img.width), tile_hw, min_tiles, max_tiles)
+    layout = dynamic_layout((img.height, img.width), tile_hw, max_tiles, use_thumbnail, min_tiles=min_tiles)
+    rows, cols = layout.grid
     t_h, t_w = tile_hw
     canvas = img.resize((cols * t_w, rows * t_h), resample=resample)
     tiles = _crop_grid(canvas, tile_hw, (rows, cols))
-    thumbnail = use_thumbnail and len(tiles) > 1
-    if thumbnail:
+    if layout.global_view is not None:
         tiles.append(img.resize((t_w, t_h), resample=resample))
-    layout = TileLayout("dynamic", (rows, cols), (img.height, img.width), "after" if thumbnail else None,
-                        (False,) * (rows * cols))
     return tiles, layout
+
+
+def dynamic_layout(image_hw: Size, tile_hw: Size, max_tiles: int = 12, use_thumbnail: bool = True, *,
+                   min_tiles: int = 1) -> TileLayout:
+    """The layout :func:`dynamic_tiles` gives an image of size `image_hw`, without cutting it."""
+    rows, cols = select_tile_grid(image_hw, tile_hw, min_tiles, max_tiles)
+    thumbnail = use_thumbnail and rows * cols > 1
+    return TileLayout("dynamic", (rows, cols), tuple(image_hw), "after" if thumbnail else None, (False,) * (rows * cols))
 
 
 def padding_tiles(image_hw: Size, target_hw: Size, tile_hw: Size) -> tuple[bool, ...]:
@@ -273,19 +279,29 @@ def anyres_tiles(
     resizes before a centre crop passes its resize size, and crops it itself). With `skip_padding`, tiles
     that hold only padding are left out and marked skipped.
     """
-    for res in pinpoints:
-        if len(res) != 2 or res[0] % tile_hw[0] or res[1] % tile_hw[1]:
-            raise ValueError(f"grid pinpoint {list(res)} is not a (height, width) multiple of the tile size {tile_hw}")
-    target = select_best_resolution((img.height, img.width), pinpoints)
+    layout = anyres_layout((img.height, img.width), tile_hw, pinpoints, skip_padding=skip_padding, newline=newline,
+                           unpad=unpad)
+    grid = layout.grid
+    target = (grid[0] * tile_hw[0], grid[1] * tile_hw[1])
     new_h, new_w = fit_inside((img.height, img.width), target)
     resized = img.resize((new_w, new_h), resample=resample)
     canvas = Image.new("RGB", (target[1], target[0]), (0, 0, 0))
     canvas.paste(resized, (_padding(new_w, target[1]), _padding(new_h, target[0])))
-    grid = (target[0] // tile_hw[0], target[1] // tile_hw[1])
-    skipped = padding_tiles((img.height, img.width), target, tile_hw) if skip_padding else (False,) * (grid[0] * grid[1])
     g_h, g_w = global_hw or tile_hw
-    tiles = [img.resize((g_w, g_h), resample=resample), *_crop_grid(canvas, tile_hw, grid, [not s for s in skipped])]
-    return tiles, TileLayout("anyres", grid, (img.height, img.width), "before", skipped, newline, unpad)
+    kept = [not s for s in layout.skipped]
+    return [img.resize((g_w, g_h), resample=resample), *_crop_grid(canvas, tile_hw, grid, kept)], layout
+
+
+def anyres_layout(image_hw: Size, tile_hw: Size, pinpoints: Sequence[Sequence[int]], *, skip_padding: bool = False,
+                  newline: bool = False, unpad: bool = True) -> TileLayout:
+    """The layout :func:`anyres_tiles` gives an image of size `image_hw`, without cutting it."""
+    for res in pinpoints:
+        if len(res) != 2 or res[0] % tile_hw[0] or res[1] % tile_hw[1]:
+            raise ValueError(f"grid pinpoint {list(res)} is not a (height, width) multiple of the tile size {tile_hw}")
+    target = select_best_resolution(image_hw, pinpoints)
+    grid = (target[0] // tile_hw[0], target[1] // tile_hw[1])
+    skipped = padding_tiles(image_hw, target, tile_hw) if skip_padding else (False,) * (grid[0] * grid[1])
+    return TileLayout("anyres", grid, tuple(image_hw), "before", skipped, newline, unpad)
 
 
 # ------------------------------------------------------------------------------------ batches
@@ -363,6 +379,13 @@ class TiledPreprocessor:
             raise ValueError(f"tiling {self.mode!r} is not one of {list(TILING_MODES)}")
         if self.mode == "anyres" and self.pinpoints is None:
             self.pinpoints = default_pinpoints(self.base.size, self.max_tiles)
+
+    def layout(self, image_hw: Size) -> TileLayout:
+        """The layout `cut` gives an image of size `image_hw` (its slot count), without cutting it."""
+        if self.mode == "dynamic":
+            return dynamic_layout(image_hw, self.base.size, self.max_tiles, self.use_thumbnail, min_tiles=self.min_tiles)
+        return anyres_layout(image_hw, self.base.size, self.pinpoints, skip_padding=self.skip_padding,
+                             newline=self.newline, unpad=self.unpad)
 
     def cut(self, img: Image.Image) -> tuple[list[Image.Image], TileLayout]:
         size = self.base.size
