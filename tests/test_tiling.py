@@ -306,7 +306,137 @@ def test_config_errors():
 def test_tiling_refused_for_families_without_the_splice(bases):
     llm, vis = bases()
     with pytest.raises(ValueError, match="tiling needs a family that splices"):
-        FrozenVLModel.build(llm, vis, workflows={"c": {"family": "cross_attention", "tiling": "dynamic"}})
+        FrozenVLModel.build(llm, vis, workflows={"b": {"family": "bind", "tiling": "dynamic"}})
+
+
+# ------------------------------------------------------------------ cross_attention: tiles as media
+XA = {"family": "cross_attention", "every": 1, "resampler_depth": 1, "resampler_latents": 4, "resampler_heads": 2,
+      "resampler_head_dim": 8, "tiling": "dynamic", "max_tiles": 6}
+XA_SKIP = {**XA, "tiling": "anyres", "skip_token": True, "grid_pinpoints": [[96, 96], [32, 64], [64, 32]]}
+
+
+@pytest.fixture(scope="module")
+def media_model(bases, tmp_path_factory):
+    from frozenvl.tiny import build_llm
+
+    # a sharper base (std 0.2, as test_cache_equivalence's) so that greedy output is not one repeated token
+    llm_dir, vis = bases()
+    llm = build_llm(tmp_path_factory.mktemp("sharp"), arch="llama", tokenizer_dir=llm_dir, initializer_range=0.2)
+    model = FrozenVLModel.build(llm, vis, workflows={"xa": XA, "xs": XA_SKIP}, attn_implementation="eager").eval()
+    for task in ("xa", "xs"):
+        perturb(model, task, scale=0.1, parts=["resampler", "xattn"])  # opens the zero gates; new tokens at init
+        model.workflow(task).cfg.text_fallback = False
+    return model
+
+
+def test_cross_attention_reads_an_images_tiles_as_one_medium(media_model, images):
+    """One <image> slot per tiled image; its medium is its own tiles' resampled latents in the layout's
+    order, padded to the batch's longest image."""
+    model, family = media_model, media_model.workflow("xa")
+    imgs = [_image(40, 90, seed=1), _wide(), _image(30, 30, seed=2)]
+    pv = model.pixel_values(imgs, "xa")
+    assert len(set(pv.counts)) == 3 and max(pv.counts) > 2, pv.counts  # different tile counts
+    assert model.image_token_counts("xa", pv) == 1
+    batch = model.prepare_inputs(["<image> a", "<image> b <image>"], [imgs[:1], imgs[1:]], task="xa")
+    assert (batch["input_ids"] == -200).sum(-1).tolist() == [1, 2]
+    with torch.no_grad():
+        media = model._image_embeds("xa", pv)
+        latents = XA["resampler_latents"]
+        assert media.lengths.tolist() == [n * latents for n in pv.counts]
+        for k, tiles in enumerate(pv.per_image()):
+            own = family.encode_images(model.vision(tiles)).flatten(0, 1)
+            # (encoded with the other images' tiles: equal up to batched-matmul rounding)
+            torch.testing.assert_close(media.tokens[k, : len(own)], own, atol=1e-6, rtol=1e-6)
+            assert not media.tokens[k, len(own):].any()  # padding
+        out = model(**batch, task="xa").logits
+    assert out.shape[:2] == batch["input_ids"].shape and torch.isfinite(out).all()
+
+
+def test_cross_attention_tiled_padding_is_masked(media_model):
+    """An image's logits do not depend on the padding a longer image in the batch forces on it."""
+    model = media_model
+    small, big = _image(30, 30, seed=3), _wide()
+    alone = model.prepare_inputs(["<image> what"], [[small]], task="xa")
+    both = model.prepare_inputs(["<image> what", "<image> what"], [[small], [big]], task="xa")
+    with torch.no_grad():
+        a = model(**alone, task="xa").logits[0]
+        b = model(**both, task="xa").logits[0]
+        c = model(**model.prepare_inputs(["<image> what"], [[big]], task="xa"), task="xa").logits[0]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert (a - c).abs().max() > 1e-4  # and the image matters
+
+
+@pytest.mark.parametrize("task", ["xa", "xs"])
+def test_cross_attention_cached_generation_equals_recompute_with_tiles(media_model, task):
+    # different sizes: rows' media differ in length, so the padded (masked) path runs in the batch
+    imgs = [_image(40, 90, seed=1), _wide(), _image(30, 30, seed=2)]
+    assert len(set(media_model.pixel_values(imgs, task).counts)) > 1
+    assert_cache_matches_recompute(media_model, task, imgs)
+
+
+def test_cross_attention_skipped_tile_is_not_encoded_and_leaves_no_media(media_model):
+    calls: list[int] = []
+    inner = media_model.vision.forward
+
+    def counting(pixel_values, *args, **kwargs):
+        calls.append(pixel_values.shape[0])
+        return inner(pixel_values, *args, **kwargs)
+
+    media_model.encoded_images.clear()
+    pv = media_model.pixel_values([_wide()], "xs")
+    assert pv.layouts[0].grid == (3, 3) and sum(pv.layouts[0].skipped) == 6
+    media_model.vision.forward = counting
+    try:
+        with torch.no_grad():
+            media = media_model._image_embeds("xs", pv)
+    finally:
+        del media_model.vision.forward
+    assert calls == [1 + 3] and media.lengths.tolist() == [(1 + 3) * XA["resampler_latents"]]
+
+
+def test_cross_attention_tiling_config_errors(bases):
+    from frozenvl.config import ConfigError, parse_workflow
+
+    with pytest.raises(ConfigError, match="image_newline does not apply"):
+        parse_workflow("w", {**XA, "tiling": "anyres", "image_newline": True})
+    with pytest.raises(ConfigError, match="unpad does not apply"):
+        parse_workflow("w", {**XA, "tiling": "anyres", "unpad": True})
+    parse_workflow("w", {**XA, "tiling": "anyres"})  # unpad defaults to off for this family
+
+
+def test_cross_attention_trains_on_tiled_images(bases, tmp_path):
+    """Training samples keep one <image> slot per tiled image (not one per tile token), the batch's
+    tiled media train the resampler and blocks, and the base stays bit-identical."""
+    from frozenvl.data.dataset import ConversationDataset
+    from frozenvl.train import train
+    from frozenvl.train.trainer import base_checksum
+
+    from .conftest import write_llava_data
+
+    llm, vis = bases()
+    data = write_llava_data(tmp_path / "d", n=8, with_text_only=False)
+    for i, rec in enumerate(json.load(open(data))):
+        _image(60 + 30 * i, 20 + 2 * i, seed=i).save(tmp_path / "d" / rec["image"])
+    model = FrozenVLModel.build(llm, vis, workflows={"xa": XA})
+    before = base_checksum(model)
+    ds = ConversationDataset(data, tokenizer=model.tokenizer, tokens_per_image=model.tokens_per_image("xa"),
+                             preprocessor=model.preprocessor("xa"), max_length=1024, tiles_in_sequence=False)
+    assert [int((ds[i]["input_ids"] == -200).sum()) for i in range(len(ds))] == [1] * len(ds)
+    assert len({ds[i]["pixel_values"].counts[0] for i in range(len(ds))}) > 1  # tile counts differ
+    out = tmp_path / "run"
+    res = train({"llm": llm, "vision": vis, "output_dir": str(out), "workflow": {"name": "xa", **XA},
+                 "data": {"train": data, "max_length": 1024},
+                 "stages": [{"name": "s", "train": ["*"], "lr": 1e-2, "steps": 4, "batch_size": 8, "warmup_ratio": 0.0,
+                             "schedule": "constant"}],
+                 "save_every": 0, "seed": 0, "log_every": 1}, show_progress=False)
+    assert res.steps == 4 and res.base_unchanged
+    losses = [json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if "loss" in json.loads(line)]
+    assert losses[-1] < losses[0], losses
+    trained = frozenvl.load(out)
+    assert base_checksum(trained) == before
+    with torch.no_grad():
+        inputs = trained.prepare_inputs("<image>\nwhat is it", [_wide()], task="xa")
+        assert torch.isfinite(trained(**inputs, task="xa").logits).all()
 
 
 def test_newline_and_skip_tokens_save_and_load(tiled_model, tmp_path, images):

@@ -28,7 +28,7 @@ from .vision.connectors import add_layout_embeddings, layout_embeddings, takes_p
 from .vision.encoder import VisionTower
 from .vision.images import ImagePreprocessor
 from .vision.mixed import MixedVisionTower, build_vision, map_paths, primary_path
-from .vision.tiling import TiledPixels, TiledPreprocessor, arrange_tokens
+from .vision.tiling import TiledMedia, TiledPixels, TiledPreprocessor, arrange_tokens
 
 
 @dataclass
@@ -126,11 +126,11 @@ class FrozenVLModel(nn.Module):
                 "but the model has none (connector: monolithic embeds pixels itself)"
             )
         module = family_cls(wf, self.llm, vision_hidden).to(self.llm.device)
-        if wf.tiling is not None:
+        if wf.tiling is not None and not module.tiles_as_media:
             if type(module).embed is not Family.embed or module.connector is None:
                 raise ValueError(
                     f"workflow {name!r}: tiling needs a family that splices image tokens into the sequence "
-                    f"(prefix, inner_adaptor, ...); {wf.family} does not"
+                    f"(prefix, inner_adaptor, ...) or reads them by cross-attention; {wf.family} does neither"
                 )
             add_layout_embeddings(module.connector, wf.image_newline, wf.skip_token)
         if module.extra_tokens():
@@ -235,7 +235,7 @@ class FrozenVLModel(nn.Module):
         """Placeholder slots per image: one number for every image, or one per image for tiled images
         (their tile layouts decide); checked against the workflow's `max_image_tokens`."""
         per_tile = self.tokens_per_image(task)
-        if not isinstance(pixel_values, TiledPixels):
+        if not isinstance(pixel_values, TiledPixels) or self.workflow(task).tiles_as_media:
             return per_tile
         counts = [layout.num_tokens(per_tile) for layout in pixel_values.layouts]
         limit = self.workflow(task).cfg.max_image_tokens
@@ -294,9 +294,10 @@ class FrozenVLModel(nn.Module):
         modules = (family,) if own is not None else (self.vision, family)
         return self.encoded_images.get(task, modules, pixel_values, encode)
 
-    def _tiled_embeds(self, task: str, family: Family, pixel_values: TiledPixels) -> torch.Tensor:
-        """Every tiled image's tokens, concatenated in order: [1, total tokens, hidden]. Each image is one
-        entry of the encoded-image cache (keyed by its tile set); only its non-skipped tiles are encoded."""
+    def _tiled_embeds(self, task: str, family: Family, pixel_values: TiledPixels) -> torch.Tensor | TiledMedia:
+        """Every tiled image's tokens, concatenated in order: [1, total tokens, hidden] (or, for a family
+        that reads images by cross-attention, one medium per image: TiledMedia). Each image is one entry
+        of the encoded-image cache (keyed by its tile set); only its non-skipped tiles are encoded."""
         if family.cfg.tiling is None:
             raise ValueError(f"workflow {task!r} has no tiling option but was given tiled images")
         newline, skip = layout_embeddings(family.connector)
@@ -307,12 +308,14 @@ class FrozenVLModel(nn.Module):
             feats = tiled.tiles if own is not None else self.vision(
                 tiled.tiles, select_layer=family.cfg.select_layer, keep_cls=family.cfg.keep_cls)
             tokens = family.encode_images(feats).split(tiled.counts)
+            if family.tiles_as_media:  # an image's tiles, in the layout's order, are its medium
+                return [t.flatten(0, 1) for t in tokens]
             return [arrange_tokens(lay, t, newline, skip) for lay, t in zip(tiled.layouts, tokens)]
 
         modules = (family,) if own is not None else (self.vision, family)
         per_image = encode(pixel_values) if torch.is_grad_enabled() else self.encoded_images.get(
             task, modules, pixel_values, encode)
-        return torch.cat(per_image)[None]
+        return TiledMedia.pad(per_image) if family.tiles_as_media else torch.cat(per_image)[None]
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -352,9 +355,11 @@ class FrozenVLModel(nn.Module):
                 image_embeds = self._image_embeds(task, pixel_values)
             if image_embeds is None and (input_ids == IMAGE_TOKEN_ID).any():
                 raise ValueError("input_ids hold image placeholders but no images were given")
-            # (tiled embeds given directly hold every image in one row: their rows are the caller's)
-            if image_embeds is not None and (pixel_values is not None or self.workflow(task).cfg.tiling is None):
-                n_images = len(pixel_values) if pixel_values is not None else image_embeds.shape[0]
+            # (tiled tokens given directly hold every image in one row: their rows are the caller's;
+            # tiled media hold one entry per image, like untiled images)
+            spliced = self.workflow(task).cfg.tiling is not None and not isinstance(image_embeds, TiledMedia)
+            if image_embeds is not None and (pixel_values is not None or not spliced):
+                n_images = len(pixel_values) if pixel_values is not None else len(image_embeds)
                 image_rows = self._image_rows(input_ids, n_images, task, image_rows, pixel_values)
         out = self._step(input_ids, attention_mask, task, past_key_values, position_ids, use_cache, logits_to_keep,
                          image_embeds, image_rows)
@@ -393,7 +398,7 @@ class FrozenVLModel(nn.Module):
             ).logits
         else:
             family = self.workflow(task)
-            if family.cfg.tiling is not None and image_embeds is not None:
+            if family.cfg.tiling is not None and image_embeds is not None and not family.tiles_as_media:
                 h = _splice(family.embed(input_ids, None), input_ids, image_embeds)  # per-image token counts
             else:
                 h = family.embed(input_ids, image_embeds)

@@ -269,6 +269,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         max_length: int | None = None,
         truncation: str = "skip",
         on_bad_sample: str = "skip",
+        tiles_in_sequence: bool = True,
     ) -> None:
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
@@ -277,6 +278,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.tokenizer = tokenizer
         self.tokens_per_image = int(tokens_per_image)
         self.preprocessor = preprocessor
+        # False for a family that reads a tiled image as one cross-attention medium: the image keeps
+        # `tokens_per_image` slots whatever its tiles
+        self.tiles_in_sequence = tiles_in_sequence
         self.max_length = max_length
         self.truncation = truncation
         self.on_bad_sample = on_bad_sample
@@ -397,7 +401,7 @@ class ConversationDataset(torch.utils.data.Dataset):
     def _slots(self, paths: tuple[Path, ...], sample_id: str) -> int | list[int]:
         """Image slots: `tokens_per_image` for each image, or for a tiled workflow one count per image
         from its tile layout (which follows its size: the image is read once here, not cut)."""
-        if not paths or not isinstance(self.preprocessor, TiledPreprocessor):
+        if not paths or not isinstance(self.preprocessor, TiledPreprocessor) or not self.tiles_in_sequence:
             return self.tokens_per_image
         counts = []
         for p in paths:

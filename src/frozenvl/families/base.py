@@ -135,6 +135,10 @@ class Family(nn.Module):
     # True for families whose layers run `decoder_block` / `self_attention` (the Llama block written
     # out): only architectures whose block is exactly that can take them.
     rewrites_block: ClassVar[bool] = False
+    # True for families that read images by cross-attention (one `<image>` token in the sequence):
+    # with `tiling`, an image's encoded tiles are joined into one medium (vision/tiling.TiledMedia)
+    # instead of being laid out as tokens in the sequence.
+    tiles_as_media: ClassVar[bool] = False
 
     gradient_checkpointing: bool = False  # recompute each layer in backward (frozen base layers included)
     layers_before: frozenset[int] = frozenset()

@@ -29,6 +29,13 @@ tokenizer when the workflow is attached. Their input embeddings and output-head 
 workflow (part ``tokens``); the base embedding table and head are untouched. ``<image>`` in a prompt
 becomes one ``IMAGE_TOKEN_ID`` slot per image in ``input_ids``, embedded as the ``image_token``.
 
+High resolution (``tiling``, docs/vision.md): each tile (and the thumbnail or global view) goes
+through the resampler on its own, and an image's tiles' latents, in the layout's order, form that
+image's one medium (``vision.tiling.TiledMedia``; images with fewer tiles are padded and the
+padding masked out of the attention). The text still holds one ``<image>`` per image, and the
+media rule above applies per image. A skipped (all-padding) tile is simply absent from the medium;
+``image_newline`` and ``unpad`` do not apply.
+
 Cache: in a forward pass with images, each image's keys and values are computed once per block
 (shared by every batch row that uses the image) and kept on the KV cache object with each row's
 image count, so decode steps neither re-encode nor re-project any image.
@@ -47,6 +54,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from ..config import ConfigError, WorkflowConfig
 from ..vision.perceiver import ACTIVATIONS, PerceiverResampler
+from ..vision.tiling import TiledMedia
 from .base import IMAGE_TOKEN_ID, DecodeContext, Family, cache_state, check_layer_indices
 from .vocab import embed_with_rows, logits_with_rows, mean_rows
 
@@ -86,6 +94,7 @@ class CrossAttentionConfig(WorkflowConfig):
     resampler_max_frames: int | None = None  # learned per-frame embeddings for multi-frame media
     extra_tokens: list[str] = field(default_factory=lambda: list(DEFAULT_EXTRA_TOKENS))
     image_token: str = "<image>"  # which of extra_tokens marks an image in the text
+    unpad: bool = False  # tiling: an image's tiles are one medium, not a token map to unpad
 
     def validate(self) -> None:
         super().validate()
@@ -105,6 +114,13 @@ class CrossAttentionConfig(WorkflowConfig):
             raise ConfigError(f"cross_attention extra_tokens must be distinct non-empty strings, got {self.extra_tokens}")
         if self.llm_train != "frozen":
             raise ConfigError("cross_attention adapts a frozen LLM: llm_train must be 'frozen'")
+        # with tiling an image's tiles are one medium of keys/values: no token rows to end or unpad
+        for opt in ("image_newline", "unpad"):
+            if self.tiling is not None and getattr(self, opt):
+                raise ConfigError(
+                    f"cross_attention with tiling: {opt} does not apply (an image's tiles are one medium of "
+                    "cross-attention keys, not a row of tokens in the sequence); leave it off"
+                )
 
     def block_layers(self, num_layers: int) -> list[int]:
         if self.layers is not None:
@@ -201,6 +217,7 @@ class GatedCrossAttentionBlock(nn.Module):
 class CrossAttentionFamily(Family):
     name = "cross_attention"
     config_class = CrossAttentionConfig
+    tiles_as_media = True
 
     def __init__(self, cfg: CrossAttentionConfig, llm, vision_hidden: int | None):
         super().__init__(cfg, llm, vision_hidden)
@@ -272,7 +289,7 @@ class CrossAttentionFamily(Family):
         if self._id_list is None:
             raise RuntimeError("cross_attention token ids are not set: attach the workflow to a model (or call set_token_ids)")
         is_image = input_ids == IMAGE_TOKEN_ID
-        n_images = 0 if image_embeds is None else image_embeds.shape[0]
+        n_images = 0 if image_embeds is None else len(image_embeds)
         if image_embeds is not None and int(is_image.sum()) != n_images:
             raise ValueError(
                 f"input has {int(is_image.sum())} <image> positions but {n_images} image(s) were given: "
@@ -306,6 +323,9 @@ class CrossAttentionFamily(Family):
         so that decode steps, which bring no images, continue where the prompt left off.
         """
         media = ctx.state.get("image_embeds")
+        valid = None  # tiled images: which of an image's (padded) media positions are its own
+        if isinstance(media, TiledMedia):
+            media, valid = media.tokens, media.valid()
         if media is not None and media.shape[0] == 0:
             media = None
         store = self._media_store(ctx)
@@ -326,6 +346,9 @@ class CrossAttentionFamily(Family):
             slot = torch.arange(len(rows), device=device) - first[rows]
             store["count"], store["slots"], store["length"] = count, int(count.max()), media.shape[1]
             store["flat_index"] = rows * store["slots"] + slot
+            # [B, slots * L]: media positions each row may attend to at all (None: every one)
+            store["valid"] = None if valid is None else valid.new_zeros(batch * store["slots"], media.shape[1]).index_copy(
+                0, store["flat_index"], valid).view(batch, -1)
             in_call = is_image.sum(-1)
             if not torch.equal(in_call, count):
                 raise ValueError(
@@ -343,28 +366,36 @@ class CrossAttentionFamily(Family):
         if has_media:
             slots, length = store["slots"], store["length"]
             no_new_images = not bool(is_image.any())
+            valid = store.get("valid")
             if self.cfg.media_attention == "latest" and no_new_images:
                 # Every token of the call sees its row's latest image: attend to that image's keys alone.
                 st["current"] = latest[:, 0].clamp(min=0)
+                if valid is not None:
+                    own = valid.view(batch, slots, length).gather(
+                        1, st["current"].view(batch, 1, 1).expand(batch, 1, length))  # [B, 1, L]
+                    st["mask"] = self._additive(own.unsqueeze(1))
             else:
                 j = torch.arange(slots, device=device)
                 cur = latest.unsqueeze(-1)
                 allowed = (j == cur) if self.cfg.media_attention == "latest" else (j <= cur)
                 allowed = allowed & (j < count.view(-1, 1, 1))
-                allowed = allowed.repeat_interleave(length, dim=-1).unsqueeze(1)  # [B, 1, T, slots * L]
-                dtype = self.token_embed.dtype
-                st["mask"] = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
-                    ~allowed, torch.finfo(dtype).min
-                )
+                allowed = allowed.repeat_interleave(length, dim=-1)  # [B, T, slots * L]
+                if valid is not None:
+                    allowed = allowed & valid.unsqueeze(1)
+                st["mask"] = self._additive(allowed.unsqueeze(1))
         # Computed here, before the layer loop, so that gradient checkpointing of the layers never
         # recomputes (or skips) them.
         st["layer_kv"] = {i: self._layer_kv(i, st) for i in self.block_layers} if has_media else {}
         ctx.state[STATE_KEY] = st
 
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        dtype = self.token_embed.dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
     @staticmethod
     def _media_store(ctx: DecodeContext) -> dict[str, Any]:
         """The per-sequence media facts: on the KV cache when there is one, else for this call only."""
-        fresh = {"kv": {}, "seen": None, "count": None, "slots": 0, "length": 0}
+        fresh = {"kv": {}, "seen": None, "count": None, "slots": 0, "length": 0, "valid": None}
         return fresh if ctx.cache is None else cache_state(ctx.cache).setdefault(STATE_KEY, fresh)
 
     def _layer_kv(self, idx: int, st: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -181,6 +181,7 @@ class Trainer:
             max_length=d.max_length,
             truncation=d.truncation,
             on_bad_sample=d.on_bad_sample,
+            tiles_in_sequence=not m.workflow(self.task).tiles_as_media,
         )
 
     def _epoch_order(self, stage_idx: int, epoch: int, global_micro: int) -> list[list[int]]:

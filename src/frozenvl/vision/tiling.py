@@ -354,6 +354,33 @@ class TiledPixels:
         return TiledPixels(torch.cat([p.tiles for p in parts]), tuple(l for p in parts for l in p.layouts))
 
 
+@dataclass
+class TiledMedia:
+    """Tiled images as cross-attention media (families with `tiles_as_media`): each image's encoded
+    tiles joined into one medium, zero-padded to the longest image. The padding is masked out of the
+    attention (`valid`), so an image's medium is exactly its own tiles' tokens.
+
+    tokens [n images, longest, D]; lengths [n] (tokens per image).
+    """
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @classmethod
+    def pad(cls, per_image: Sequence[torch.Tensor]) -> "TiledMedia":
+        """Each image's media [L_i, D] -> one padded batch."""
+        tokens = torch.nn.utils.rnn.pad_sequence(list(per_image), batch_first=True)
+        lengths = torch.tensor([t.shape[0] for t in per_image], dtype=torch.long, device=tokens.device)
+        return cls(tokens, lengths)
+
+    def valid(self) -> torch.Tensor:
+        """[n, longest] bool: True at an image's own tokens, False at padding."""
+        return torch.arange(self.tokens.shape[1], device=self.tokens.device) < self.lengths[:, None]
+
+
 # ------------------------------------------------------------------------------------ preprocessing
 @dataclass
 class TiledPreprocessor:
