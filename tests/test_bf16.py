@@ -24,6 +24,7 @@ FAMILIES = {
                         "resampler_heads": 2, "resampler_head_dim": 8},
     "bind": {"family": "bind"},
     "adaption_prompt": {"family": "adaption_prompt", "adapter_len": 4, "adapter_layers": 2, "visual": "v1"},
+    "wings": {"family": "wings"},
 }
 PROMPT = "<image>\nwhat colour is the image"
 

@@ -163,38 +163,117 @@ def test_router_does_not_depend_on_the_padded_length(bases, images):
 
 
 def test_router_input_is_the_attention_mass_on_image_keys(bases, images):
-    """The extra value channel gives what eager attention's probabilities summed over image keys give."""
-    llm, vis = bases()
-    model = frozenvl.build(llm, vis, workflows={"mm": WINGS}, attn_implementation="eager")
-    inputs = _mixed_inputs(model, images)
-    family = model.workflow("mm")
-    probs, masses = {}, {}
-    hooks = []
-    for i, layer in enumerate(model.llm.model.layers):
-        router = family.router[str(i)]
-        hooks.append(router.register_forward_pre_hook(lambda m, a, i=i: masses.__setitem__(i, a[0])))
+    """The extra value channel (prompt) and the one-query road of decode steps give what eager attention's
+    probabilities summed over image keys give."""
+    import contextlib
+
     import transformers.models.llama.modeling_llama as llama
 
-    original = llama.eager_attention_forward
+    llm, vis = bases()
+    model = frozenvl.build(llm, vis, workflows={"mm": WINGS}, attn_implementation="eager")
+    perturb(model, "mm", scale=0.1)
+    model.workflow("mm").cfg.text_fallback = False
+    inputs = _mixed_inputs(model, images)
+    family = model.workflow("mm")
 
-    def recording(module, *args, **kwargs):
-        out, weights = original(module, *args, **kwargs)
-        probs[module.layer_idx] = weights
-        return out, weights
+    @contextlib.contextmanager
+    def recorded():
+        probs, masses = {}, {}
+        hooks = [family.router[str(i)].register_forward_pre_hook(lambda m, a, i=i: masses.__setitem__(i, a[0]))
+                 for i in range(len(model.llm.model.layers))]
+        original = llama.eager_attention_forward
 
-    llama.eager_attention_forward = recording  # self_attention looks it up at call time
-    try:
+        def recording(module, *args, **kwargs):
+            out, weights = original(module, *args, **kwargs)
+            probs[module.layer_idx] = weights
+            return out, weights
+
+        llama.eager_attention_forward = recording  # self_attention looks it up at call time
+        try:
+            yield probs, masses
+        finally:
+            llama.eager_attention_forward = original
+            for h in hooks:
+                h.remove()
+
+    def check(probs, masses, is_image):
+        assert len(masses) == len(model.llm.model.layers)
+        for i in masses:
+            expected = (probs[i] * is_image[:, None, None, :]).sum(-1).transpose(1, 2)  # [B, T, heads]
+            torch.testing.assert_close(masses[i], expected, atol=1e-6, rtol=0)
+            assert expected.max() > 0.1
+
+    is_image = inputs["input_ids"] == IMAGE_TOKEN_ID
+    with torch.no_grad(), recorded() as (probs, masses):
+        model(**inputs, task="mm")
+    check(probs, masses, is_image)
+    # a decode step: one query per row, its mass from the scores row (no wider value tensor)
+    with torch.no_grad():
+        out = model(**inputs, task="mm", use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], 1)
+        with recorded() as (probs, masses):
+            model._step(token, mask, "mm", past_key_values=out.past_key_values,
+                        position_ids=inputs["position_ids"][:, -1:] + 1, use_cache=True)
+    assert all(p.shape[2] == 1 for p in probs.values())
+    check(probs, masses, torch.cat([is_image, torch.zeros_like(token, dtype=torch.bool)], 1))
+
+
+def _reference_run_layer(self, idx, h, ctx):
+    """Wings' layer as the definition reads: each learner on its own (LoRRA.forward), weighted and summed."""
+    from frozenvl.families.wings import STATE_KEY
+
+    st, key = ctx.state[STATE_KEY], str(idx)
+
+    def learners(h1, attended):
+        w = self.router[key](attended[..., 0] if attended is not None
+                             else h1.new_zeros(*h1.shape[:2], self.router[key].heads))
+        out = h1
+        if st.visual is not None:
+            k, v = self._keys_values(idx, self.visual[key], st.visual, st.visual_new, st.cached)
+            out = out + w[..., :1] * self.visual[key](h1, k, v, st.visual_visible)
+        k, v = self._keys_values(idx, self.textual[key], st.text, st.text_new, st.cached)
+        return out + w[..., 1:] * self.textual[key](h1, k, v, st.text_visible)
+
+    return base.decoder_block(self.lm.layers[idx], h, ctx, self.lm.layer_types[idx],
+                              extra_values=st.image_keys, after_attention=learners)
+
+
+def test_both_learners_at_once_equal_each_on_its_own(bases, images, monkeypatch):
+    """run_layer joins the two learners' maps into batched matmuls and keeps the joined weights between
+    calls: it equals the learners run one by one, with and without images in the row, before and after
+    an in-place weight update (the kept weights follow it), and under autograd."""
+    from frozenvl.families.wings import WingsFamily
+
+    llm, vis = bases("qwen2")
+    model = frozenvl.build(llm, vis, workflows={"mm": WINGS})
+    perturb(model, "mm", scale=0.1)
+    family = model.workflow("mm")
+    family.cfg.text_fallback = False
+    inputs = batch_inputs(model, "mm", [PROMPTS[0], TEXT_PROMPTS[0]], [[images[0]], []])
+    real = inputs["attention_mask"].bool()
+
+    def both():
         with torch.no_grad():
-            model(**inputs, task="mm")
-    finally:
-        llama.eager_attention_forward = original
-        for h in hooks:
-            h.remove()
-    is_image = (inputs["input_ids"] == IMAGE_TOKEN_ID)[:, None, None, :]  # [B, 1, 1, S]
-    for i in masses:
-        expected = (probs[i] * is_image).sum(-1).transpose(1, 2)  # [B, T, heads]
-        torch.testing.assert_close(masses[i], expected, atol=1e-6, rtol=0)
-        assert expected.max() > 0.1
+            fused = model(**inputs, task="mm").logits[real]
+        with monkeypatch.context() as m:
+            m.setattr(WingsFamily, "run_layer", _reference_run_layer)
+            with torch.no_grad():
+                ref = model(**inputs, task="mm").logits[real]
+        return fused, ref
+
+    fused, ref = both()
+    torch.testing.assert_close(fused, ref, atol=1e-5, rtol=0)
+    with torch.no_grad():  # as an optimizer step would: in place
+        family.textual["1"].o.B.weight.add_(0.5)
+        family.visual["0"].q.A.weight.mul_(-1.0)
+    fused2, ref2 = both()
+    torch.testing.assert_close(fused2, ref2, atol=1e-5, rtol=0)
+    assert (fused2 - fused).abs().max() > 1e-3  # the update reached the kept weights
+    out = model(**inputs, task="mm").logits[real]  # autograd: joined afresh, gradients to each part
+    torch.testing.assert_close(out.detach(), ref2, atol=1e-5, rtol=0)
+    out.square().mean().backward()
+    assert family.visual["0"].q.B.weight.grad.abs().sum() > 0 and family.textual["1"].o.A.weight.grad.abs().sum() > 0
 
 
 def test_sdpa_and_eager_give_the_same_outputs(bases, images):

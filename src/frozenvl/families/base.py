@@ -369,7 +369,10 @@ def self_attention(
     sum of them, returned as a third tensor [B, T, heads, c]. A channel that is 1 at some keys and 0
     elsewhere gives the attention mass on those keys without materialising the attention matrix
     (sdpa and flash kernels return no probabilities); the first output is then equal to the plain
-    one up to the kernel's rounding.
+    one up to the kernel's rounding. A decode step (one query per row) with eager or sdpa attention
+    takes a cheaper road to the same numbers: the plain kernel for the output (bit for bit the
+    base's), and the one row of scores per head it needs for the channels (`_attended_by_one_query`),
+    since a wider value tensor would send sdpa to its slow math kernel and copy the values every step.
     """
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -392,16 +395,38 @@ def self_attention(
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
     kwargs = {"sliding_window": attn.sliding_window} if getattr(attn, "sliding_window", None) is not None else {}
     q_in, k_in = q, k
-    if extra_values is not None:
+    one_query = extra_values is not None and q.shape[2] == 1 and implementation in UNEQUAL_VALUE_DIM_OK
+    if extra_values is not None and not one_query:
         q_in, k_in, v = _with_value_channels(q, k, v, extra_values, implementation in UNEQUAL_VALUE_DIM_OK)
     out, _ = interface(
         attn, q_in, k_in, v, ctx.masks[attn_type],
         dropout=0.0 if not attn.training else attn.attention_dropout, scaling=attn.scaling, **kwargs,
     )
+    if one_query:
+        attended = _attended_by_one_query(q, k, extra_values, ctx.masks[attn_type], attn.scaling)
+        return out.reshape(*input_shape, -1).contiguous(), q, attended
     if extra_values is None:
         return out.reshape(*input_shape, -1).contiguous(), q
     d, c = q.shape[-1], extra_values.shape[-1]
     return out[..., :d].reshape(*input_shape, -1).contiguous(), q, out[..., d : d + c]
+
+
+def _attended_by_one_query(
+    q: torch.Tensor, k: torch.Tensor, extra: torch.Tensor, mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """`extra` [B, >= S, c] attended by queries q [B, heads, T, d] over keys k [B, kv, S, d] (T small: a
+    decode step), with the mask the eager / sdpa kernel got (bool: True = attend, or additive; None:
+    every key): [B, T, heads, c]. Materialises T x S scores per head, which for one query is one row."""
+    bsz, heads, t, d = q.shape
+    kv, keys = k.shape[1], k.shape[2]
+    scores = torch.matmul(q.reshape(bsz, kv, heads // kv * t, d), k.transpose(-1, -2)).view(bsz, heads, t, keys)
+    scores = scores.float() * scaling
+    if mask is not None:
+        mask = mask[:, :, -t:, :keys]  # as the kernels slice it (a longer mask than the cache's keys)
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
+    probs = torch.softmax(scores, dim=-1)
+    channels = extra[:, -keys:].to(probs.dtype).unsqueeze(1)  # [B, 1, S, c]
+    return torch.matmul(probs, channels).to(q.dtype).transpose(1, 2)
 
 
 def _with_value_channels(

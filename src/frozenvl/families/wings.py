@@ -21,6 +21,10 @@ channel that is 1 at image keys: every attention kernel returns it exactly, no p
 last layer zero-initialised) and a softmax over two: (w_v, w_t). Nothing in it depends on the sequence
 length (the release's Linear(4096, 2) over summed probabilities does).
 
+Speed: a layer's two learners run as one (joined low-rank maps, see `_joined`), and a decode step
+reads the image mass off its one row of scores instead of a wider value tensor
+(`base.self_attention`); benchmarks/bench_wings.py measures both against prefix.
+
 KV cache: the base cache holds only the base's keys and values. The learners' keys/values per layer
 (the images' once per generate call, each text token's once), which columns were image positions and
 which keys each learner has are kept in the family's own state on the cache object (`cache_state`).
@@ -68,6 +72,41 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
+# A decode step is a few dozen tiny matmuls per layer on a small base, so their count, not their size,
+# is the cost. Maps that read the same input run as one: their A matrices stacked into one matmul,
+# their B matrices into one batched matmul (the visual and textual queries; a learner's keys and
+# values), and the two learners' outputs leave through one matmul. The joined weights are kept
+# between calls when nothing needs their gradient, rebuilt when any part changes (its version).
+def _joined(owner: nn.Module, name: str, parts: tuple[torch.Tensor, ...], join) -> torch.Tensor:
+    if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
+        return join(parts)  # training: through autograd to every part
+    stamp = tuple((p.data_ptr(), p._version) for p in parts)
+    store = owner.__dict__.setdefault("_joined_weights", {})
+    hit = store.get(name)
+    if hit is None or hit[0] != stamp:
+        hit = store[name] = (stamp, join(parts))
+    return hit[1]
+
+
+def _stack_a(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return torch.cat(parts)  # A weights [r, d] each -> [n r, d]
+
+
+def _stack_b(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return torch.stack([b.t() for b in parts])  # B weights [d, r] each -> [n, r, d]
+
+
+def _cat_columns(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return torch.cat(parts, dim=1)  # B weights [d, r] each -> [d, n r]
+
+
+def _residual_maps(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x [N, d] through n maps x + B_i A_i x at once: a [n r, d], b [n, r, d] -> [n, N, d]."""
+    n = b.shape[0]
+    low = F.linear(x, a).view(x.shape[0], n, -1).transpose(0, 1)  # [n, N, r]
+    return torch.baddbmm(x, low, b)
+
+
 # ---------------------------------------------------------------------------------------------
 # modules
 # ---------------------------------------------------------------------------------------------
@@ -100,11 +139,17 @@ class LoRRA(nn.Module):
         return x.view(*x.shape[:2], self.heads, -1).transpose(1, 2)
 
     def keys_values(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sources f [B, n, hidden] -> keys, values [B, heads, n, hidden / heads] (K and V maps as one)."""
         f = _as(f, self.k.A.weight.dtype)
-        return self._split(f + self.k(f)), self._split(f + self.v(f))
+        a = _joined(self, "kv.A", (self.k.A.weight, self.v.A.weight), _stack_a)
+        b = _joined(self, "kv.B", (self.k.B.weight, self.v.B.weight), _stack_b)
+        kv = _residual_maps(f.reshape(-1, f.shape[-1]), a, b).view(2, *f.shape)
+        return self._split(kv[0]), self._split(kv[1])
 
     def forward(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: "Visibility") -> torch.Tensor:
-        """h [B, T, hidden]; k, v [B, heads, S, d]; -> [B, T, hidden] (zero where nothing is visible)."""
+        """h [B, T, hidden]; k, v [B, heads, S, d]; -> [B, T, hidden] (zero where nothing is visible).
+        One learner on its own, as the definition reads; the family runs both learners of a layer at
+        once (`WingsFamily.run_layer`), which equals the sum of these within rounding (a test)."""
         h = _as(h, self.q.A.weight.dtype)
         q = self._split(h + self.q(h))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible.mask)
@@ -129,11 +174,14 @@ class Router(nn.Module):
             nn.init.zeros_(last.weight), nn.init.zeros_(last.bias)
 
     def forward(self, image_mass: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net(_as(image_mass, self.dtype)), dim=-1)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        # the layers called as functions: per decode step and layer, module calls cost more than the math
+        if isinstance(self.net, nn.Linear):
+            z = F.linear(_as(image_mass, self.net.weight.dtype), self.net.weight, self.net.bias)
+        else:
+            first, last = self.net[0], self.net[-1]
+            z = F.linear(F.silu(F.linear(_as(image_mass, first.weight.dtype), first.weight, first.bias)),
+                         last.weight, last.bias)
+        return torch.softmax(z, dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,6 +244,7 @@ class CallState:
     text_visible: Visibility
     visual_visible: Visibility | None
     image_keys: torch.Tensor | None  # [B, past + T, 1] 1 at image columns (the router's value channel)
+    reach: torch.Tensor  # [B, T, 2] bool: the (visual, textual) learner sees a key (else it adds nothing)
     cached: bool
 
 
@@ -283,14 +332,18 @@ class WingsFamily(Family):
         image_cols = is_image if image_cols is None else torch.cat([image_cols, is_image], 1)
         if ctx.cache is not None:
             store.update(image_cols=image_cols, text=text, visual=visual)
+        text_visible = Visibility.of(text, query_cols)
+        visual_visible = Visibility.of(visual, query_cols) if visual is not None else None
+        sees_image = visual_visible.any_key if visual_visible is not None else torch.zeros_like(text_visible.any_key)
         return CallState(
             text_new=text_new,
             visual_new=visual_new,
             text=text,
             visual=visual,
-            text_visible=Visibility.of(text, query_cols),
-            visual_visible=Visibility.of(visual, query_cols) if visual is not None else None,
+            text_visible=text_visible,
+            visual_visible=visual_visible,
             image_keys=image_cols.unsqueeze(-1).to(h.dtype) if visual is not None else None,
+            reach=torch.cat([sees_image, text_visible.any_key], -1),
             cached=ctx.cache is not None,
         )
 
@@ -298,17 +351,31 @@ class WingsFamily(Family):
     def run_layer(self, idx: int, h: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
         st: CallState = ctx.state[STATE_KEY]
         key = str(idx)
+        visual, textual, router = self.visual[key], self.textual[key], self.router[key]
 
         def learners(h1: torch.Tensor, attended: torch.Tensor | None) -> torch.Tensor:
+            """h1 + w_v * visual(h1) + w_t * textual(h1), both learners at once (see `_joined`)."""
             # attended [B, T, heads, 1]: the main attention's mass on image keys, per head
-            mass = attended[..., 0] if attended is not None else h1.new_zeros(*h1.shape[:2], self.router[key].heads)
-            w = _as(self.router[key](mass), h1.dtype)  # [B, T, 2]
-            out = h1
+            mass = attended[..., 0] if attended is not None else h1.new_zeros(*h1.shape[:2], router.heads)
+            w = router(mass) * st.reach  # [B, T, 2]; 0 for a learner that sees no key
+            x = _as(h1, textual.q.A.weight.dtype).reshape(-1, h1.shape[-1])  # [N, hidden]
+            q = _residual_maps(x, _joined(self, f"{key}.q.A", (visual.q.A.weight, textual.q.A.weight), _stack_a),
+                               _joined(self, f"{key}.q.B", (visual.q.B.weight, textual.q.B.weight), _stack_b))
+            q = q.view(2, *h1.shape[:2], router.heads, -1).transpose(2, 3)  # [2, B, heads, T, d]
+            k, v = self._keys_values(idx, textual, st.text, st.text_new, st.cached)
+            outs = [F.scaled_dot_product_attention(q[1], k, v, attn_mask=st.text_visible.mask)]
             if st.visual is not None:
-                k, v = self._keys_values(idx, self.visual[key], st.visual, st.visual_new, st.cached)
-                out = out + w[..., :1] * _as(self.visual[key](h1, k, v, st.visual_visible), h1.dtype)
-            k, v = self._keys_values(idx, self.textual[key], st.text, st.text_new, st.cached)
-            return out + w[..., 1:] * _as(self.textual[key](h1, k, v, st.text_visible), h1.dtype)
+                k, v = self._keys_values(idx, visual, st.visual, st.visual_new, st.cached)
+                outs.insert(0, F.scaled_dot_product_attention(q[0], k, v, attn_mask=st.visual_visible.mask))
+            else:
+                w = w[..., 1:]
+            n = len(outs)
+            o = torch.stack(outs).transpose(2, 3).reshape(n, x.shape[0], -1)  # [n, N, hidden]
+            o_a = _joined(self, f"{key}.o.A", (visual.o.A.weight, textual.o.A.weight), _stack_b)[-n:]  # [n, hidden, r]
+            o_b = _joined(self, f"{key}.o.B", (visual.o.B.weight, textual.o.B.weight), _cat_columns)  # [hidden, 2 r]
+            low = torch.bmm(o, o_a) * w.reshape(-1, n).t().unsqueeze(-1)  # [n, N, r], weighted
+            delta = F.linear(low.transpose(0, 1).reshape(x.shape[0], -1), o_b[:, -low.shape[-1] * n:])
+            return h1 + _as(delta.view(h1.shape), h1.dtype)
 
         return decoder_block(self.lm.layers[idx], h, ctx, self.lm.layer_types[idx],
                              extra_values=st.image_keys, after_attention=learners)
