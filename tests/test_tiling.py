@@ -3,6 +3,7 @@ transformers' own processors (the Pil ones: no torchvision), and the token layou
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -178,6 +179,46 @@ def _wide(w=300, h=20, colour=(30, 60, 200)):
     return img
 
 
+@contextlib.contextmanager
+def counting_encoder_calls(model):
+    """Yields a list that gets the batch size of every vision-tower call made inside the block."""
+    calls: list[int] = []
+    inner = model.vision.forward
+
+    def counting(pixel_values, *args, **kwargs):
+        calls.append(pixel_values.shape[0])
+        return inner(pixel_values, *args, **kwargs)
+
+    model.vision.forward = counting
+    try:
+        yield calls
+    finally:
+        del model.vision.forward
+
+
+def _tiled_data(root):
+    """8 llava samples whose images are wide and of different sizes: several tiles, not alike."""
+    from .conftest import write_llava_data
+
+    data = write_llava_data(root, n=8, with_text_only=False)
+    for i, rec in enumerate(json.load(open(data))):
+        _image(60 + 30 * i, 20 + 2 * i, seed=i).save(root / rec["image"])
+    return data
+
+
+def _train_four_steps(llm, vis, data, out, name, workflow):
+    """Four steps on the same batch of 8 (every part trained): the result and the logged losses."""
+    from frozenvl.train import train
+
+    res = train({"llm": llm, "vision": vis, "output_dir": str(out), "workflow": {"name": name, **workflow},
+                 "data": {"train": data, "max_length": 1024},
+                 "stages": [{"name": "s", "train": ["*"], "lr": 1e-2, "steps": 4, "batch_size": 8, "warmup_ratio": 0.0,
+                             "schedule": "constant"}],
+                 "save_every": 0, "seed": 0, "log_every": 1}, show_progress=False)
+    losses = [json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if "loss" in json.loads(line)]
+    return res, losses
+
+
 def test_layout_from_the_size_alone_equals_the_cut(tiled_model):
     """The dataset counts slots from `layout(size)` without cutting: it must be `cut`'s layout."""
     for task in TILED:
@@ -225,23 +266,12 @@ def test_text_stays_bit_identical(tiled_model):
 
 
 def test_padding_tile_is_not_encoded_and_becomes_the_skip_token(tiled_model):
-    calls: list[int] = []
-    inner = tiled_model.vision.forward
-
-    def counting(pixel_values, *args, **kwargs):
-        calls.append(pixel_values.shape[0])
-        return inner(pixel_values, *args, **kwargs)
-
     tiled_model.encoded_images.clear()  # earlier tests encoded this strip already
     pv = tiled_model.pixel_values([_wide()], "sph")
     layout = pv.layouts[0]
     assert layout.grid == (3, 3) and sum(layout.skipped) == 6  # only the middle row holds the strip
-    tiled_model.vision.forward = counting
-    try:
-        with torch.no_grad():
-            embeds = tiled_model._image_embeds("sph", pv)[0]
-    finally:
-        del tiled_model.vision.forward
+    with counting_encoder_calls(tiled_model) as calls, torch.no_grad():
+        embeds = tiled_model._image_embeds("sph", pv)[0]
     assert calls == [1 + 3]  # the global view and the 3 tiles with pixels, nothing else
     connector = tiled_model.workflow("sph").connector
     per_tile = tiled_model.tokens_per_image("sph")
@@ -253,23 +283,12 @@ def test_padding_tile_is_not_encoded_and_becomes_the_skip_token(tiled_model):
 
 
 def test_encoded_image_cache_keyed_per_tile_set(tiled_model, images):
-    calls: list[int] = []
-    inner = tiled_model.vision.forward
-
-    def counting(pixel_values, *args, **kwargs):
-        calls.append(pixel_values.shape[0])
-        return inner(pixel_values, *args, **kwargs)
-
     tiled_model.encoded_images.clear()
-    tiled_model.vision.forward = counting
-    try:
+    with counting_encoder_calls(tiled_model) as calls, torch.no_grad():
         a = tiled_model.pixel_values([images[1]], "dyn")
         b = tiled_model.pixel_values([images[1], _wide()], "dyn")
-        with torch.no_grad():
-            first = tiled_model._image_embeds("dyn", a)
-            both = tiled_model._image_embeds("dyn", b)  # images[1] again: only the strip is encoded
-    finally:
-        del tiled_model.vision.forward
+        first = tiled_model._image_embeds("dyn", a)
+        both = tiled_model._image_embeds("dyn", b)  # images[1] again: only the strip is encoded
     assert calls == [a.counts[0], b.counts[1]]
     assert torch.equal(both[0, : first.shape[1]], first[0])
 
@@ -375,22 +394,11 @@ def test_cross_attention_cached_generation_equals_recompute_with_tiles(media_mod
 
 
 def test_cross_attention_skipped_tile_is_not_encoded_and_leaves_no_media(media_model):
-    calls: list[int] = []
-    inner = media_model.vision.forward
-
-    def counting(pixel_values, *args, **kwargs):
-        calls.append(pixel_values.shape[0])
-        return inner(pixel_values, *args, **kwargs)
-
     media_model.encoded_images.clear()
     pv = media_model.pixel_values([_wide()], "xs")
     assert pv.layouts[0].grid == (3, 3) and sum(pv.layouts[0].skipped) == 6
-    media_model.vision.forward = counting
-    try:
-        with torch.no_grad():
-            media = media_model._image_embeds("xs", pv)
-    finally:
-        del media_model.vision.forward
+    with counting_encoder_calls(media_model) as calls, torch.no_grad():
+        media = media_model._image_embeds("xs", pv)
     assert calls == [1 + 3] and media.lengths.tolist() == [(1 + 3) * XA["resampler_latents"]]
 
 
@@ -408,15 +416,10 @@ def test_cross_attention_trains_on_tiled_images(bases, tmp_path):
     """Training samples keep one <image> slot per tiled image (not one per tile token), the batch's
     tiled media train the resampler and blocks, and the base stays bit-identical."""
     from frozenvl.data.dataset import ConversationDataset
-    from frozenvl.train import train
     from frozenvl.train.trainer import base_checksum
 
-    from .conftest import write_llava_data
-
     llm, vis = bases()
-    data = write_llava_data(tmp_path / "d", n=8, with_text_only=False)
-    for i, rec in enumerate(json.load(open(data))):
-        _image(60 + 30 * i, 20 + 2 * i, seed=i).save(tmp_path / "d" / rec["image"])
+    data = _tiled_data(tmp_path / "d")
     model = FrozenVLModel.build(llm, vis, workflows={"xa": XA})
     before = base_checksum(model)
     ds = ConversationDataset(data, tokenizer=model.tokenizer, tokens_per_image=model.tokens_per_image("xa"),
@@ -424,13 +427,8 @@ def test_cross_attention_trains_on_tiled_images(bases, tmp_path):
     assert [int((ds[i]["input_ids"] == -200).sum()) for i in range(len(ds))] == [1] * len(ds)
     assert len({ds[i]["pixel_values"].counts[0] for i in range(len(ds))}) > 1  # tile counts differ
     out = tmp_path / "run"
-    res = train({"llm": llm, "vision": vis, "output_dir": str(out), "workflow": {"name": "xa", **XA},
-                 "data": {"train": data, "max_length": 1024},
-                 "stages": [{"name": "s", "train": ["*"], "lr": 1e-2, "steps": 4, "batch_size": 8, "warmup_ratio": 0.0,
-                             "schedule": "constant"}],
-                 "save_every": 0, "seed": 0, "log_every": 1}, show_progress=False)
+    res, losses = _train_four_steps(llm, vis, data, out, "xa", XA)
     assert res.steps == 4 and res.base_unchanged
-    losses = [json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if "loss" in json.loads(line)]
     assert losses[-1] < losses[0], losses
     trained = frozenvl.load(out)
     assert base_checksum(trained) == before
@@ -468,15 +466,10 @@ def test_training_batches_tiled_images(task, bases, tmp_path):
     trained workflow saves and loads. Failed with a TypeError in collate before TiledPixels.cat."""
     from frozenvl.data.dataset import collate
     from frozenvl.vision.tiling import TiledPixels
-    from frozenvl.train import train
     from frozenvl.train.trainer import base_checksum
 
-    from .conftest import write_llava_data
-
     llm, vis = bases()
-    data = write_llava_data(tmp_path / "d", n=8, with_text_only=False)
-    for i, rec in enumerate(json.load(open(data))):  # wide images of different sizes: several tiles, not alike
-        _image(60 + 30 * i, 20 + 2 * i, seed=i).save(tmp_path / "d" / rec["image"])
+    data = _tiled_data(tmp_path / "d")
     model = FrozenVLModel.build(llm, vis, workflows={task: TILED[task]})
     before = base_checksum(model)
     pv = [model.pixel_values([_wide()], task), model.pixel_values([_image(40, 90, seed=1), _image(30, 30, seed=2)], task)]
@@ -497,13 +490,8 @@ def test_training_batches_tiled_images(task, bases, tmp_path):
     assert min(slots) > model.tokens_per_image(task) and len(set(slots)) > 1, slots  # several tiles, per image
 
     out = tmp_path / "run"
-    res = train({"llm": llm, "vision": vis, "output_dir": str(out), "workflow": {"name": task, **TILED[task]},
-                 "data": {"train": data, "max_length": 1024},
-                 "stages": [{"name": "s", "train": ["*"], "lr": 1e-2, "steps": 4, "batch_size": 8, "warmup_ratio": 0.0,
-                             "schedule": "constant"}],
-                 "save_every": 0, "seed": 0, "log_every": 1}, show_progress=False)
+    res, losses = _train_four_steps(llm, vis, data, out, task, TILED[task])
     assert res.steps == 4 and res.base_unchanged and res.final_loss is not None and np.isfinite(res.final_loss)
-    losses = [json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if "loss" in json.loads(line)]
     assert len(losses) == 4 and losses[-1] < losses[0], losses  # it learns (the same batch of 8 every step)
     trained = frozenvl.load(out)
     assert base_checksum(trained) == before
