@@ -69,7 +69,7 @@ def test_demo_two_seeds_intervals_verdicts_and_figures(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = run_demo(str(tmp_path / "a"), scale=TINY, seeds=2, seed=3, data_seed=1, chat=False, progress=False,
-                       only=only)
+                       only=only, jobs=2)
     # the tiny models' raw answers hold control characters; the example figure must not pass them to a font
     assert not [w for w in caught if "missing from font" in str(w.message)]
     assert res["seeds"] == [3, 4] and res["data_seed"] == 1
@@ -90,9 +90,11 @@ def test_demo_two_seeds_intervals_verdicts_and_figures(tmp_path):
     for fig in ("chart.png", "qtypes.png", "loss.png", "examples.png"):
         assert f"]({fig})" in report and os.path.getsize(tmp_path / "a" / fig) > 10_000
     assert "VQA per question type" in report and "majority answer per type" in report
-    # the same seeds again (bases cached, every workflow retrained from scratch): an identical results.json
+    # the same seeds again (bases cached, every workflow retrained from scratch), one training at a
+    # time instead of two at once: an identical results.json
     first = (tmp_path / "a" / "results.json").read_bytes()
-    run_demo(str(tmp_path / "a"), scale=TINY, seeds=2, seed=3, data_seed=1, chat=False, progress=False, only=only)
+    run_demo(str(tmp_path / "a"), scale=TINY, seeds=2, seed=3, data_seed=1, chat=False, progress=False, only=only,
+             jobs=1)
     assert (tmp_path / "a" / "results.json").read_bytes() == first
 
 
@@ -104,6 +106,11 @@ def test_bases_build_reload_and_cache(tmp_path):
     stamp = os.path.getmtime(os.path.join(os.path.dirname(llm), "done.json"))
     again = build_bases(tmp_path / "bases", tmp_path / "data", TINY.bases, progress=False)
     assert again == (llm, vis) and os.path.getmtime(os.path.join(os.path.dirname(llm), "done.json")) == stamp
+    # the two pretrainings side by side (two worker processes): the same bases, byte for byte
+    side_by_side = build_bases(tmp_path / "bases2", tmp_path / "data", TINY.bases, progress=False, jobs=2)
+    for one, two in zip((llm, vis), side_by_side):
+        assert open(os.path.join(one, "model.safetensors"), "rb").read() == \
+            open(os.path.join(two, "model.safetensors"), "rb").read()
     model = frozenvl.build(llm, vis, workflows={"mm": {"family": "prefix", "select_layer": -1}})
     assert model.tokens_per_image("mm") == (TINY.bases.vit_image // TINY.bases.vit_patch) ** 2
     ids = model.tokenizer("What is 3 plus 4?", return_tensors="pt").input_ids

@@ -377,6 +377,8 @@ def demo(
     no_chat: Annotated[bool, typer.Option("--no-chat", help="Do not open the chat at the end.")] = False,
     bases: Annotated[str, typer.Option(help="tiny: bases built and pretrained here (minutes); real: SmolLM2-135M-"
                                        "Instruct + DINOv2-S/14 from `frozenvl bases` (offline, cached).")] = "tiny",
+    jobs: Annotated[Optional[int], typer.Option(min=1, help="Trainings run at once, one CPU thread each (tiny "
+                                                "bases; the results do not depend on it). Default: the CPU cores.")] = None,
 ) -> None:
     """ShapesWorld: train every family on one frozen base, evaluate, and check frozen vs fine-tuned."""
     from frozenvl.shapesworld.demo import BASES, run_demo
@@ -385,7 +387,7 @@ def demo(
         _fail(f"--bases {bases!r}: choose one of {', '.join(BASES)}")
     _quiet_transformers()
     run_demo(str(out), quick=quick, seed=seed, seeds=seeds, data_seed=data_seed, chat=False if no_chat else None,
-             bases=bases)
+             bases=bases, jobs=jobs)
 
 
 @app.command()

@@ -36,6 +36,7 @@ from ..data.dataset import ConversationDataset, ModalityLengthGroupedSampler, co
 from ..tiny import build_llm, build_tokenizer
 from ..vision.images import ImagePreprocessor, expand_to_square, square_pad_offsets
 from . import tasks as sw_tasks
+from .jobs import JOB_THREADS, Job, job_threads, run_jobs
 from .world import COLOURS, KINDS, SIZES, sample_scene
 
 SCENE_PROMPT = "Scene: {}.\n{}"
@@ -72,7 +73,8 @@ class BaseSpec:
     probe_llm_scenes: int = 60
 
     def key(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        # the thread count changes float sums, so bases built on other thread counts are other bases
+        blob = json.dumps({**dataclasses.asdict(self), "threads": JOB_THREADS}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -109,8 +111,10 @@ def scene_text_records(n: int, seed: int, fmt: str | None = None) -> list[dict]:
 
 
 def build_bases(root: str | os.PathLike, data_dir: str | os.PathLike, spec: BaseSpec = BaseSpec(),
-                progress: bool = True) -> tuple[str, str]:
-    """Build (or reuse) the tokenizer + LLM and the ViT; returns (llm_dir, vision_dir)."""
+                progress: bool = True, jobs: int = 1) -> tuple[str, str]:
+    """Build (or reuse) the tokenizer + LLM and the ViT; returns (llm_dir, vision_dir). The LLM's
+    and the ViT's pretraining are two jobs (shapesworld/jobs.py): with ``jobs >= 2`` they run at
+    once, each on one thread; the bases are the same either way."""
     home = os.path.join(os.fspath(root), f"bases-{spec.key()}")
     llm_dir, vision_dir = os.path.join(home, "llm"), os.path.join(home, "vision")
     marker = os.path.join(home, "done.json")
@@ -133,10 +137,11 @@ def build_bases(root: str | os.PathLike, data_dir: str | os.PathLike, spec: Base
     pretrain_path = os.path.join(home, "pretrain_llm.json")
     with open(pretrain_path, "w") as f:
         json.dump(records, f)
-    llm_stats = pretrain_llm(llm_dir, pretrain_path, spec, progress)
-    vit_stats = pretrain_vit(vision_dir, spec, progress)
-    probes = {"vit": probe_vit(vision_dir, spec, spec.probe_vit_scenes),
-              "llm": probe_llm(llm_dir, spec, spec.probe_llm_scenes)}
+    llm_stats, vit_stats = run_jobs([Job("pretrain LLM", pretrain_llm, (llm_dir, pretrain_path, spec, progress)),
+                                     Job("pretrain ViT", pretrain_vit, (vision_dir, spec, progress))], jobs)
+    with job_threads():  # the probes too: their figures must not depend on the machine's thread count
+        probes = {"vit": probe_vit(vision_dir, spec, spec.probe_vit_scenes),
+                  "llm": probe_llm(llm_dir, spec, spec.probe_llm_scenes)}
     with open(marker, "w") as f:
         json.dump({"spec": dataclasses.asdict(spec), "llm": llm_stats, "vit": vit_stats, "probes": probes}, f,
                   indent=1)

@@ -34,6 +34,7 @@ from ..eval.verdicts import Finding, Scores, beats, estimate, learns_to_see, tex
 from ..families import FAMILIES
 from . import real
 from .bases import BaseSpec, base_info, build_bases
+from .jobs import Job, default_jobs, run_jobs
 
 VISION_LAYER = -1  # the tiny ViT's patch heads were trained on its last layer
 
@@ -220,7 +221,8 @@ def _seen_text_eval(data_dir: str, seed: int) -> None:
 
 def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, seeds: int = 1,
              data_seed: int | None = None, chat: bool | None = None, progress: bool = True,
-             only: list[str] | None = None, scale: Scale | None = None, bases: str = "tiny") -> dict[str, Any]:
+             only: list[str] | None = None, scale: Scale | None = None, bases: str = "tiny",
+             jobs: int | None = None) -> dict[str, Any]:
     """Run the whole demo; returns the results dict also written to results.json.
 
     Every workflow is trained and evaluated once per training seed ``seed, seed+1, ...,
@@ -231,6 +233,9 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, seeds
     results.json holds only what the seeds decide (identical for identical seeds); wall times go
     to timings.json. `bases`: "tiny" (built and pretrained here, minutes) or "real" (SmolLM2-135M-Instruct
     + DINOv2-S/14 from `frozenvl bases`; shapesworld/real.py says what else differs).
+    `jobs`: tiny track, how many trainings (and base pretrainings) run at once, each on one CPU
+    thread (shapesworld/jobs.py; the results do not depend on it); default: the CPU cores.
+    The real track trains one run at a time on every thread.
     """
     from transformers.utils import logging as hf_logging
 
@@ -239,23 +244,26 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, seeds
         hf_logging.disable_progress_bar()
     try:
         return _run_demo(out, quick=quick, seed=seed, seeds=seeds, data_seed=data_seed, chat=chat, progress=progress,
-                         only=only, scale=scale, bases=bases)
+                         only=only, scale=scale, bases=bases, jobs=jobs)
     finally:
         if shown:
             hf_logging.enable_progress_bar()
 
 
 def _run_demo(out: str, *, quick: bool, seed: int, seeds: int, data_seed: int | None, chat: bool | None,
-              progress: bool, only: list[str] | None, scale: Scale | None, bases: str) -> dict[str, Any]:
+              progress: bool, only: list[str] | None, scale: Scale | None, bases: str,
+              jobs: int | None) -> dict[str, Any]:
     import frozenvl
     from ..eval import read_eval_file
-    from ..train import TrainConfig, train
     from .report import write_report
 
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     if bases not in BASES:
         raise ValueError(f"unknown bases {bases!r}; choose one of {list(BASES)}")
+    if jobs is not None and jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    workers = jobs or default_jobs()
     real_track = bases == "real"
     presets = (REAL_QUICK, REAL_FULL) if real_track else (QUICK, FULL)
     scale = scale or (presets[0] if quick else presets[1])
@@ -279,31 +287,46 @@ def _run_demo(out: str, *, quick: bool, seed: int, seeds: int, data_seed: int | 
     else:
         say("== bases (built once, then cached; the first build takes minutes)", flush=True)
         llm_dir, vision_dir = build_bases(os.path.join(out, "bases"), data_dir, replace(scale.bases, seed=data_seed),
-                                          bars)
+                                          bars and workers == 1, jobs=workers)
     timings["bases"] = time.time() - t
 
     runs = [r for r in recipes(scale) if not only or r.name in only]
     if real_track:
         runs = [replace(r, workflow=real.fit_workflow(r.workflow), stages=real.fit_stages(r.stages)) for r in runs]
     label = "quick" if scale is presets[0] else "full" if scale is presets[1] else "custom"
-    trained: dict[str, list[Any]] = {r.name: [] for r in runs}
-    for s in train_seeds:
+    trained: dict[str, list[Any]] = {r.name: [None] * len(train_seeds) for r in runs}
+    todo: list[Job] = []
+    slots: dict[str, tuple[str, int]] = {}  # job name -> (run, seed index)
+    for k, s in enumerate(train_seeds):
         for run in runs:
             run_dir = _run_dir(out, s, run.name)
             shutil.rmtree(run_dir, ignore_errors=True)  # a rerun retrains from scratch
-            cfg = TrainConfig.from_dict({
+            cfg = {
                 "llm": llm_dir, "vision": vision_dir, "output_dir": run_dir,
                 "workflow": {"name": run.name, **run.workflow},
                 "data": {"train": os.path.join(data_dir, run.data), "max_length": 256},
                 "stages": run.stages, "seed": s, "save_every": 0, "keep_last": 1, "log_every": 1, **LOSS,
-            })
-            say(f"== training {run.label} on {run.data}, seed {s}", flush=True)
-            res = train(cfg, show_progress=bars)
-            if not bars:
-                say(f"   {res.summary()}", flush=True)
-            trained[run.name].append(res)
-            timings["train_runs"][f"{run.name}/seed{s}"] = res.seconds
+            }
+            todo.append(Job(f"{run.name}/seed{s}", _train_run, (cfg, bars and workers == 1)))
+            slots[todo[-1].name] = (run.name, k)
+    if real_track:  # big matmuls use every thread well: one run at a time, the torch default threads
+        workers = 1
+    say(f"== training {len(todo)} runs ({', '.join(r.name for r in runs)}; seeds {', '.join(map(str, train_seeds))}), "
+        f"{min(workers, len(todo))} at a time", flush=True)
 
+    def finished(job: Job, res: Any) -> None:
+        name, k = slots[job.name]
+        trained[name][k] = res
+        timings["train_runs"][job.name] = res.seconds
+        say(f"   {job.name}: {res.summary()}", flush=True)
+
+    t = time.time()
+    if real_track:
+        for job in todo:
+            finished(job, job.fn(*job.args, **job.kwargs))
+    else:
+        run_jobs(todo, workers, on_done=finished)
+    timings["train_wall"] = time.time() - t
     timings["train"] = sum(timings["train_runs"].values())
 
     # One model: the frozen base with each seed's trained workflows loaded side by side.
@@ -408,6 +431,13 @@ INTERVAL_NOTE = (
     "same on paired per-item differences; seed-free figures (base LLM, baselines) carry the item part only; "
     "one seed gives no interval and decides nothing (frozenvl.eval.verdicts)."
 )
+
+
+def _train_run(cfg: dict[str, Any], bars: bool):
+    """One demo training (a job: module level, so a spawned worker can run it)."""
+    from ..train import TrainConfig, train
+
+    return train(TrainConfig.from_dict(cfg), show_progress=bars)
 
 
 def _run_dir(out: str, seed: int, name: str) -> str:
