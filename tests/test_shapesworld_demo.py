@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import replace
@@ -13,6 +14,7 @@ import torch
 import frozenvl
 from frozenvl.shapesworld.bases import BaseSpec, build_bases
 from frozenvl.shapesworld.demo import Scale, recipes, run_demo
+from frozenvl.shapesworld.jobs import Job, run_jobs
 
 TINY = Scale(n_train_images=24, n_eval_images=4, n_text_train=200, n_text_eval=6,
              bases=replace(BaseSpec(), vocab_size=400, llm_hidden=32, llm_layers=2, llm_heads=2, llm_kv_heads=1,
@@ -116,6 +118,19 @@ def test_bases_build_reload_and_cache(tmp_path):
     ids = model.tokenizer("What is 3 plus 4?", return_tensors="pt").input_ids
     with torch.no_grad():
         assert model(ids, task="text").logits.shape[-1] == len(model.tokenizer)
+
+
+def test_jobs_keep_their_order_and_name_a_failure():
+    jobs = [Job(f"sqrt {v}", math.sqrt, (v,)) for v in (16.0, 4.0, 9.0)]
+    seen = []
+    assert run_jobs(jobs, 2, on_done=lambda job, res: seen.append((job.name, res))) == [4.0, 2.0, 3.0]
+    assert sorted(seen) == [("sqrt 16.0", 4.0), ("sqrt 4.0", 2.0), ("sqrt 9.0", 3.0)]
+    assert run_jobs(jobs, 1) == [4.0, 2.0, 3.0]
+    for workers in (1, 2):
+        with pytest.raises(RuntimeError, match="demo job 'bad' failed: invalid literal"):
+            run_jobs([Job("ok", math.sqrt, (1.0,)), Job("bad", int, ("x",))], workers)
+    with pytest.raises(ValueError, match="jobs must be >= 1"):
+        run_jobs(jobs, 0)
 
 
 def _conv(rid, answer, image="images/train/00000.png"):

@@ -129,6 +129,10 @@ FAMILY_RECIPES: dict[str, dict[str, Any]] = {
         "stages": [("align", ["connector", "visual"], 3e-3, 0.3), ("tune", ["visual", "textual", "router"], 3e-3, 0.7)],
     },
 }
+#: Seconds of each full-scale run on one CPU thread (timings.json of `frozenvl demo`, 2 cores, two at
+#: a time): only the order the runs start in, longest first; a run not listed is taken as the longest.
+RUN_SECONDS = {"cross_attention": 103, "wings": 95, "g": 85, "mm": 83, "prefix_full": 74, "prefix": 64,
+               "visual_experts": 42, "adaption_prompt": 38, "bind": 28}
 GENERIC: dict[str, Any] = {"workflow": lambda scale: {}, "stages": [("tune", ["*"], 1e-3, 1.0)]}
 
 
@@ -234,8 +238,9 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, seeds
     to timings.json. `bases`: "tiny" (built and pretrained here, minutes) or "real" (SmolLM2-135M-Instruct
     + DINOv2-S/14 from `frozenvl bases`; shapesworld/real.py says what else differs).
     `jobs`: tiny track, how many trainings (and base pretrainings) run at once, each on one CPU
-    thread (shapesworld/jobs.py; the results do not depend on it); default: the CPU cores.
-    The real track trains one run at a time on every thread.
+    thread (shapesworld/jobs.py; the results do not depend on it); default: the CPU cores. With
+    more than one, a script that calls this needs an ``if __name__ == "__main__":`` guard (the
+    workers are spawned). The real track trains one run at a time on every thread.
     """
     from transformers.utils import logging as hf_logging
 
@@ -325,6 +330,8 @@ def _run_demo(out: str, *, quick: bool, seed: int, seeds: int, data_seed: int | 
         for job in todo:
             finished(job, job.fn(*job.args, **job.kwargs))
     else:
+        # the longest first, so that no worker is left with a long run while the others idle
+        todo.sort(key=lambda job: -RUN_SECONDS.get(slots[job.name][0], max(RUN_SECONDS.values())))
         run_jobs(todo, workers, on_done=finished)
     timings["train_wall"] = time.time() - t
     timings["train"] = sum(timings["train_runs"].values())

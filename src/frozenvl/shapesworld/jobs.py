@@ -7,8 +7,10 @@ of the demo's workflows in about 0.7x the time of training them one after the ot
 independent of `jobs`: a float reduction's order depends on the thread count, not on what else
 runs, so ``--jobs 1`` and ``--jobs 4`` write the same results.json.
 
-A job is a module-level function and its arguments (spawned workers import it by name). A job
-that fails stops the others and raises with its name; jobs already finished keep what they wrote.
+A job is a module-level function and its arguments (spawned workers import it by name; a script
+that runs the demo with several jobs needs the ``if __name__ == "__main__":`` guard, as every
+spawning library does). A job that fails stops the others and raises with its name; jobs already
+finished keep what they wrote.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import multiprocessing
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,7 +77,10 @@ def run_jobs(jobs: Sequence[Job], workers: int, on_done: Callable[[Job, Any], No
         results = []
         for job in jobs:
             with job_threads():
-                results.append(job.fn(*job.args, **job.kwargs))
+                try:
+                    results.append(job.fn(*job.args, **job.kwargs))
+                except Exception as exc:
+                    raise RuntimeError(f"demo job {job.name!r} failed: {exc}") from exc
             if on_done is not None:
                 on_done(job, results[-1])
         return results
@@ -91,7 +97,10 @@ def run_jobs(jobs: Sequence[Job], workers: int, on_done: Callable[[Job, Any], No
                 if (exc := fut.exception()) is not None:
                     for other in pending:
                         other.cancel()
-                    raise RuntimeError(f"demo job {job.name!r} failed: {exc}") from exc
+                    why = (" (a worker process died: out of memory, or a script that starts the demo without an "
+                           "`if __name__ == '__main__':` guard, which spawned workers need)"
+                           if isinstance(exc, BrokenProcessPool) else "")
+                    raise RuntimeError(f"demo job {job.name!r} failed: {exc}{why}") from exc
                 results[futures[fut]] = fut.result()
                 if on_done is not None:
                     on_done(job, results[futures[fut]])
