@@ -332,8 +332,13 @@ class FrozenVLModel(nn.Module):
         logits_to_keep: int = 0,
         image_embeds: torch.Tensor | None = None,
         image_rows: torch.Tensor | None = None,
+        logits_mask: torch.Tensor | None = None,
     ) -> ModelOutput:
         """One forward pass of workflow `task`. `labels` (-100 = ignored) gives `.loss`.
+
+        `logits_mask` ([batch, seq] bool) computes the logits of the marked positions only, as one
+        [marked, vocab] tensor in row-major order (what training needs: the positions that predict a
+        label; see :func:`frozenvl.losses.label_positions`). With it, `labels` are not accepted.
 
         Images are given flat, sample after sample; `image_rows` ([n_images]) names each image's
         batch row. It can be left out when the prompts hold vision-token slots (it is read off them)
@@ -361,8 +366,10 @@ class FrozenVLModel(nn.Module):
             if image_embeds is not None and (pixel_values is not None or not spliced):
                 n_images = len(pixel_values) if pixel_values is not None else len(image_embeds)
                 image_rows = self._image_rows(input_ids, n_images, task, image_rows, pixel_values)
+        if logits_mask is not None and (labels is not None or logits_to_keep):
+            raise ValueError("logits_mask selects the positions itself: pass neither labels nor logits_to_keep with it")
         out = self._step(input_ids, attention_mask, task, past_key_values, position_ids, use_cache, logits_to_keep,
-                         image_embeds, image_rows)
+                         image_embeds, image_rows, logits_mask)
         if labels is not None:
             out.loss = causal_lm_loss(out.logits, labels)
         return out
@@ -378,6 +385,7 @@ class FrozenVLModel(nn.Module):
         logits_to_keep: int = 0,
         image_embeds: torch.Tensor | None = None,
         image_rows: torch.Tensor | None = None,
+        logits_mask: torch.Tensor | None = None,
     ) -> ModelOutput:
         """The forward pass proper, without `forward`'s input checks (they read values back to the host):
         inputs already on the model's device, `image_rows` resolved. Generation's decode steps call it
@@ -396,6 +404,8 @@ class FrozenVLModel(nn.Module):
                 logits_to_keep=logits_to_keep,
                 **{cache_kwarg(type(self.llm).forward): past_key_values},  # `cache` from transformers 5.24
             ).logits
+            if logits_mask is not None:  # the bare base computes them all (`text` is never trained)
+                logits = logits[logits_mask.to(logits.device)]
         else:
             family = self.workflow(task)
             if family.cfg.tiling is not None and image_embeds is not None and not family.tiles_as_media:
@@ -414,6 +424,8 @@ class FrozenVLModel(nn.Module):
             h = family.decode(h, ctx)
             if logits_to_keep:
                 h = h[:, -logits_to_keep:]
+            if logits_mask is not None:  # the head only where a loss is taken: [marked, hidden]
+                h = h[logits_mask.to(h.device)]
             logits = family.logits(h)
         return ModelOutput(logits=logits, past_key_values=past_key_values if use_cache else None)
 

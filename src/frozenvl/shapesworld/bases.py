@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..data.boxes import box_format, box_iou, to_square_box
 from ..data.dataset import ConversationDataset, ModalityLengthGroupedSampler, collate
+from ..losses import label_positions, selected_lm_loss
 from ..tiny import build_llm, build_tokenizer
 from ..vision.images import ImagePreprocessor, expand_to_square, square_pad_offsets
 from . import tasks as sw_tasks
@@ -40,6 +41,10 @@ from .jobs import JOB_THREADS, Job, job_threads, run_jobs
 from .world import COLOURS, KINDS, SIZES, sample_scene
 
 SCENE_PROMPT = "Scene: {}.\n{}"
+#: Part of the bases' cache key: raised whenever the pretraining code changes its arithmetic, so that
+#: bases cached by an earlier version are rebuilt rather than mixed with its results.
+#: 2: the LLM's head is computed at answer positions only.
+PRETRAIN_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,8 @@ class BaseSpec:
 
     def key(self) -> str:
         # the thread count changes float sums, so bases built on other thread counts are other bases
-        blob = json.dumps({**dataclasses.asdict(self), "threads": JOB_THREADS}, sort_keys=True).encode()
+        blob = json.dumps({**dataclasses.asdict(self), "threads": JOB_THREADS, "version": PRETRAIN_VERSION},
+                          sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -183,12 +189,12 @@ def pretrain_llm(llm_dir: str, data_path: str, spec: BaseSpec, progress: bool = 
         batch = collate([ds[i] for i in pending.pop(0)], tok.pad_token_id)
         for group in opt.param_groups:
             group["lr"] = spec.llm_lr * _cosine(step, spec.llm_steps, spec.llm_steps // 20)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                             reduction="none").view_as(labels)
-        mask = (labels != -100).float()
-        loss = ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+        # the head only where an answer token is predicted (most tokens are the prompt)
+        keep, targets = label_positions(batch["labels"])
+        h = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        ce = selected_lm_loss(model.lm_head(h[keep]), targets, reduction="none")
+        per_row = keep.sum(1)
+        loss = (ce / per_row.repeat_interleave(per_row)).sum() / len(per_row)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

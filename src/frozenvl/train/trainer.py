@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..config import ConfigError
-from ..losses import causal_lm_loss
+from ..losses import label_positions, selected_lm_loss
 from ..model import FrozenVLModel
 from . import checkpoint as ckpt
 from .config import StageConfig, TrainConfig
@@ -293,18 +293,21 @@ class Trainer:
                     # Nothing for this process in this step: a zero loss still joins the gradient sync.
                     loss = sum(p.sum() for p in params) * 0.0
                 else:
+                    # logits only where a label is predicted (docs/training.md, "Speed")
+                    keep, targets = label_positions(batch["labels"])
                     out = ddp(
                         input_ids=batch["input_ids"].to(device),
                         attention_mask=batch["attention_mask"].to(device),
                         pixel_values=None if batch["pixel_values"] is None else batch["pixel_values"].to(device),
                         image_rows=batch.get("image_rows"),
                         task=self.task,
+                        logits_mask=keep.to(device),
                     )
                     if weights is None:
-                        loss = causal_lm_loss(out.logits, batch["labels"], reduction="sum")
+                        loss = selected_lm_loss(out.logits, targets, reduction="sum")
                     else:
-                        per_token = causal_lm_loss(out.logits, batch["labels"], reduction="none")
-                        loss = (per_token.view_as(weight_of[id(batch)]) * weight_of[id(batch)].to(device)).sum()
+                        per_token = selected_lm_loss(out.logits, targets, reduction="none")
+                        loss = (per_token * weight_of[id(batch)][keep[:, :-1]].to(device)).sum()
                     loss_sum += loss.detach()
                     if not loss.requires_grad:
                         # Only text rows and only the connector trained (prefix): nothing trained took part.
