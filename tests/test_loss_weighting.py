@@ -80,7 +80,8 @@ def _per_sample_ce(tr: Trainer, indices: list[int]) -> tuple[torch.Tensor, torch
     batch = tr._load_micro(indices, tr.cfg.stages[0])
     with torch.no_grad():
         out = tr.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       pixel_values=batch["pixel_values"], image_rows=batch["image_rows"], task="mm")
+                       pixel_values=batch["pixel_values"], vision_features=batch.get("vision_features"),
+                       image_rows=batch["image_rows"], task="mm")
     ce = causal_lm_loss(out.logits, batch["labels"], reduction="none").view(len(indices), -1)
     return ce.sum(1), _labelled(batch).sum(1)
 

@@ -241,8 +241,10 @@ def test_gradient_checkpointing_gives_the_same_training(bases, data, tmp_path):
     with mock.patch("torch.utils.checkpoint.checkpoint", side_effect=real) as spy:
         trainer.model.train()
         batch = trainer._load_micro(list(range(4)), trainer.cfg.stages[0])
+        # (the trainer's feature memo hands the images' vision features in place of their pixels)
         trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      pixel_values=batch["pixel_values"], task="mm").logits.sum().backward()
+                      pixel_values=batch["pixel_values"], vision_features=batch.get("vision_features"),
+                      image_rows=batch.get("image_rows"), task="mm").logits.sum().backward()
     assert spy.call_count == trainer.model.llm.config.num_hidden_layers
 
 

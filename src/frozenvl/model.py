@@ -260,7 +260,27 @@ class FrozenVLModel(nn.Module):
         pre = self.preprocessor(task)
         return pre(flat) if isinstance(pre, TiledPreprocessor) else inputs.to_pixel_values(flat, pre)
 
-    def _image_embeds(self, task: str, pixel_values: torch.Tensor | None) -> torch.Tensor | None:
+    def caches_vision_features(self, task: str) -> bool:
+        """Whether workflow `task` reads its images through the frozen vision tower alone, one
+        [n, 3, H, W] image at a time (no tiles, video frames or pixel-embedding connector): then an
+        image's :meth:`vision_features` are the same at every training step, and a trainer may keep them."""
+        family = self.workflow(task)
+        return (self.vision is not None and family.uses_images and self.pixel_embedding(task) is None
+                and family.cfg.tiling is None and family.max_frames() == 0)
+
+    @torch.no_grad()
+    def vision_features(self, task: str, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The frozen vision tower's features of [n, 3, H, W] images as workflow `task` selects them
+        (its layer, CLS kept or not): what its connector reads. See :meth:`caches_vision_features`."""
+        family = self.workflow(task)
+        return self.vision(pixel_values, select_layer=family.cfg.select_layer, keep_cls=family.cfg.keep_cls)
+
+    def _image_embeds(self, task: str, pixel_values: torch.Tensor | None,
+                      vision_features: torch.Tensor | None = None) -> torch.Tensor | None:
+        if vision_features is not None:  # computed (and kept) by the caller: the connector on from there
+            if not self.caches_vision_features(task):
+                raise ValueError(f"workflow {task!r} does not read plain vision-tower features: pass pixel_values")
+            return self.workflow(task).encode_images(vision_features.to(self.device))
         if pixel_values is None:
             return None
         family = self.workflow(task)
@@ -333,8 +353,13 @@ class FrozenVLModel(nn.Module):
         image_embeds: torch.Tensor | None = None,
         image_rows: torch.Tensor | None = None,
         logits_mask: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
     ) -> ModelOutput:
         """One forward pass of workflow `task`. `labels` (-100 = ignored) gives `.loss`.
+
+        `vision_features` ([n_images, tokens, C], from :meth:`vision_features`) stand in for the
+        images' pixels (a trainer that keeps each image's features passes them; `image_rows` then
+        names each image's row).
 
         `logits_mask` ([batch, seq] bool) computes the logits of the marked positions only, as one
         [marked, vocab] tensor in row-major order (what training needs: the positions that predict a
@@ -347,17 +372,19 @@ class FrozenVLModel(nn.Module):
         self._check_task(task)
         input_ids = input_ids.to(self.device)
         attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(self.device)
-        if pixel_values is None:
+        if vision_features is not None and (pixel_values is not None or images is not None):
+            raise ValueError("vision_features stand in for the images: pass them instead of images/pixel_values")
+        if pixel_values is None and vision_features is None:
             pixel_values, rows = inputs.images_in(self, images, input_ids.shape[0], task)
             image_rows = image_rows if image_rows is not None else rows
         inputs.check_length(self.llm.config, attention_mask.shape[1])
         if task == TEXT_TASK:
-            if pixel_values is not None or image_embeds is not None:
+            if pixel_values is not None or image_embeds is not None or vision_features is not None:
                 raise ValueError(NO_IMAGES_FOR_TEXT)
             self._check_text_ids(input_ids)
         else:
             if image_embeds is None:
-                image_embeds = self._image_embeds(task, pixel_values)
+                image_embeds = self._image_embeds(task, pixel_values, vision_features)
             if image_embeds is None and (input_ids == IMAGE_TOKEN_ID).any():
                 raise ValueError("input_ids hold image placeholders but no images were given")
             # (tiled tokens given directly hold every image in one row: their rows are the caller's;

@@ -418,6 +418,11 @@ class ConversationDataset(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
+        return self.item(index)
+
+    def item(self, index: int, pixels: bool = True) -> dict[str, Any] | None:
+        """Sample `index` (None if its image proved broken); with ``pixels=False`` its images are not
+        read (``pixel_values`` None): for a caller that has their features already."""
         if index < 0:
             index += len(self)
         if index in self._broken:
@@ -425,7 +430,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         start, end = int(self._offsets[index]), int(self._offsets[index + 1])
         pixel_values = None
         paths = self.image_paths[index]
-        if paths:
+        if paths and pixels:
             try:
                 pixel_values = self.preprocessor([str(p) for p in paths])
             except ImageError as exc:

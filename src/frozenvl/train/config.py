@@ -45,8 +45,13 @@ class DataConfig:
     truncation: str = "skip"  # an over-long sample: drop it ("skip") or cut it ("truncate")
     on_bad_sample: str = "skip"  # missing/broken image, bad format: "skip" and count, or "error"
     group_by: str = "none"
+    # MiB of frozen vision features kept per process, so that an image is read and encoded once per
+    # run (0: off); only for workflows that read plain vision-tower features (FrozenVLModel.caches_vision_features)
+    feature_cache_mb: int = 1024
 
     def validate(self) -> None:
+        if isinstance(self.feature_cache_mb, bool) or not isinstance(self.feature_cache_mb, int) or self.feature_cache_mb < 0:
+            raise ConfigError(f"data.feature_cache_mb must be an integer >= 0 (MiB; 0 turns it off), got {self.feature_cache_mb!r}")
         _choice(self.truncation, TRUNCATION, "data.truncation")
         _choice(self.on_bad_sample, SKIP_POLICIES, "data.on_bad_sample")
         _choice(self.group_by, GROUPING, "data.group_by")

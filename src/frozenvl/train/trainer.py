@@ -33,6 +33,7 @@ from ..losses import label_positions, selected_lm_loss
 from ..model import FrozenVLModel
 from . import checkpoint as ckpt
 from .config import StageConfig, TrainConfig
+from .feature_memo import VisionFeatureMemo
 from .precision import MasterWeights
 
 
@@ -161,6 +162,9 @@ class Trainer:
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         self.dataset = self._dataset()
+        # each image's frozen vision features, kept after first use (docs/training.md, "Speed")
+        self.feature_memo = (VisionFeatureMemo(cfg.data.feature_cache_mb * 2**20)
+                             if cfg.data.feature_cache_mb > 0 and self.model.caches_vision_features(self.task) else None)
         self.sample_weights = sample_weights(self.dataset, cfg.task_weights)
         # The plain mean over label tokens keeps its own (bit-exact, earlier) arithmetic.
         self.uniform_loss = cfg.loss_weighting == "token" and all(w == 1.0 for w in self.sample_weights)
@@ -219,12 +223,40 @@ class Trainer:
 
         r = self.accelerator.process_index
         mine = indices[r * stage.batch_size : (r + 1) * stage.batch_size]
-        items = [self.dataset[i] for i in mine]
+        memo = self.feature_memo
+        # a sample whose every image has its features kept is not read from disk again
+        items = [self.dataset.item(i, pixels=memo is None or not memo.has_all(self.dataset.image_paths[i]))
+                 for i in mine]
         batch = collate(items, self.model.tokenizer.pad_token_id)
-        if batch is not None:  # collate drops broken samples: so do their weights
-            batch["loss_weights"] = torch.tensor(
-                [self.sample_weights[i] for i, it in zip(mine, items) if it is not None], dtype=torch.float32)
+        if batch is None:
+            return None
+        # collate drops broken samples: so do their weights
+        kept = [i for i, it in zip(mine, items) if it is not None]
+        batch["loss_weights"] = torch.tensor([self.sample_weights[i] for i in kept], dtype=torch.float32)
+        if memo is not None and any(self.dataset.image_paths[i] for i in kept):
+            self._kept_features(batch, kept)
         return batch
+
+    def _kept_features(self, batch: dict[str, Any], kept: list[int]) -> None:
+        """Replace the batch's pixels by every image's vision features, in order: kept ones from the
+        memo, the others encoded now (one tower call) and kept."""
+        from ..inputs import rows_from_counts
+
+        memo, paths = self.feature_memo, [self.dataset.image_paths[i] for i in kept]
+        fresh = [p for ps in paths if not memo.has_all(ps) for p in ps]  # the images collate holds pixels of
+        encoded = {}
+        if fresh:
+            # under the step's autocast, so kept features equal the ones the step would compute
+            with self.accelerator.autocast():
+                feats = self.model.vision_features(self.task, batch["pixel_values"].to(self.accelerator.device))
+            for p, f in zip(fresh, feats.cpu()):  # kept in host memory: the bound is not taken from a GPU
+                encoded[p] = f
+                memo.put(p, f)
+        memo.misses += len(fresh)
+        memo.hits += sum(len(ps) for ps in paths) - len(fresh)
+        batch["vision_features"] = torch.stack([encoded[p] if p in encoded else memo.get(p) for ps in paths for p in ps])
+        batch["pixel_values"] = None
+        batch["image_rows"] = rows_from_counts([len(ps) for ps in paths])
 
     def token_weights(self, batch: dict[str, Any]) -> torch.Tensor:
         """The weight of every next-token target of `batch` ((B, L-1), 0 where unlabelled): the
@@ -299,6 +331,7 @@ class Trainer:
                         input_ids=batch["input_ids"].to(device),
                         attention_mask=batch["attention_mask"].to(device),
                         pixel_values=None if batch["pixel_values"] is None else batch["pixel_values"].to(device),
+                        vision_features=batch.get("vision_features"),
                         image_rows=batch.get("image_rows"),
                         task=self.task,
                         logits_mask=keep.to(device),
