@@ -114,7 +114,8 @@ def test_demo_real_track_end_to_end(real, tmp_path):
     from frozenvl.shapesworld.demo import REAL_QUICK, run_demo
 
     scale = replace(REAL_QUICK, n_train_images=8, n_eval_images=2, align_steps=1, tune_steps=1, batch_size=2,
-                    n_chat_prompts=3, n_bench_items=3, eval_batch=8)
+                    n_chat_prompts=3, n_bench_items=3, eval_batch=8,
+                    bases=replace(REAL_QUICK.bases, probe_vit_scenes=20, probe_llm_scenes=1))
     res = run_demo(str(tmp_path / "demo"), scale=scale, bases="real", only=["prefix"], chat=False, progress=False)
     assert res["track"] == "real" and res["scale"] == "custom"
     run, base = res["runs"]["prefix"], res["runs"]["text"]["metrics"]
@@ -129,3 +130,8 @@ def test_demo_real_track_end_to_end(real, tmp_path):
     assert {"vqa_acc", "grounding_acc50", "caption_cider"} <= set(m)
     claims = [f["claim"] for f in res["findings"]]
     assert any("learns to see" in c for c in claims) and any("keeps the base's text" in c for c in claims)
+    # what the real bases give a workflow: DINOv2's probes and SmolLM2's zero-shot answers, in the report
+    probes = res["bases"]["probes"]
+    assert {"colour", "kind", "size", "box_acc50", "count"} <= set(probes["vit"]) and probes["vit"]["layer"] == -2
+    assert 0.0 <= probes["llm"]["overall"] <= 1.0
+    assert "DINOv2's patch features" in (tmp_path / "demo" / "report.md").read_text()

@@ -31,13 +31,14 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from ..data.boxes import box_format, box_iou, to_square_box
+from ..data.boxes import box_format, to_square_box
 from ..data.dataset import ConversationDataset, ModalityLengthGroupedSampler, collate
 from ..losses import label_positions, selected_lm_loss
 from ..tiny import build_llm, build_tokenizer
-from ..vision.images import ImagePreprocessor, expand_to_square, square_pad_offsets
+from ..vision.images import ImagePreprocessor, expand_to_square
 from . import tasks as sw_tasks
 from .jobs import JOB_THREADS, Job, job_threads, run_jobs
+from .probes import linear_probes
 from .world import COLOURS, KINDS, SIZES, sample_scene
 
 SCENE_PROMPT = "Scene: {}.\n{}"
@@ -361,54 +362,14 @@ def pretrain_vit(vision_dir: str, spec: BaseSpec, progress: bool = True) -> dict
 # ------------------------------------------------------------------------------------ probes
 
 
-def _ridge(x: torch.Tensor, y: torch.Tensor, lam: float = 1e-2) -> torch.Tensor:
-    """Least-squares linear map (with bias) from x to y: a linear probe in closed form."""
-    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-    eye = torch.eye(x.shape[1], dtype=x.dtype)
-    eye[-1, -1] = 0
-    return torch.linalg.solve(x.T @ x + lam * len(x) * eye, x.T @ y)
-
-
-def _apply(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1) @ w
-
-
 @torch.no_grad()
 def probe_vit(vision_dir: str, spec: BaseSpec, n_scenes: int = 400, layer: int = -1) -> dict[str, float]:
-    """Linear probes of what the questions ask, on fresh scenes (fit on 70%, scored on 30%):
-    per shape, from the feature of the patch under its centre: colour, kind, size and its box
-    (Acc@0.5 of the linearly read box); per image, from the mean patch feature: the count."""
+    """The tiny ViT's :func:`frozenvl.shapesworld.probes.linear_probes` on fresh scenes: per shape,
+    from the patch under its centre, colour, kind, size and box; per image, the count."""
     from transformers import CLIPVisionModel
 
     vit = CLIPVisionModel.from_pretrained(vision_dir).eval()
     scenes, pixels, *_ = _scene_pool(n_scenes, random.Random(f"shapesworld:{spec.seed}:vit-probe"), spec)
     feats = torch.cat([vit(pixel_values=pixels[i : i + 128], output_hidden_states=True).hidden_states[layer][:, 1:]
-                       for i in range(0, len(pixels), 128)]).double()
-    grid = spec.vit_image // spec.vit_patch
-    rows = []  # (scene index, feature, colour, kind, size, box)
-    for k, sc in enumerate(scenes):
-        side, left, top = square_pad_offsets(sc.width, sc.height)
-        for s in sc.shapes:
-            px = min(grid - 1, int((s.cx + left + 0.5) / side * grid))
-            py = min(grid - 1, int((s.cy + top + 0.5) / side * grid))
-            rows.append((k, feats[k, py * grid + px], list(COLOURS).index(s.colour), KINDS.index(s.kind),
-                         SIZES.index(s.size), to_square_box(s.bbox(), sc.width, sc.height)))
-    split = int(0.7 * n_scenes)
-    fit = [r for r in rows if r[0] < split]
-    test = [r for r in rows if r[0] >= split]
-    x_fit, x_test = torch.stack([r[1] for r in fit]), torch.stack([r[1] for r in test])
-    out: dict[str, float] = {}
-    for name, col, n_cls in (("colour", 2, len(COLOURS)), ("kind", 3, len(KINDS)), ("size", 4, len(SIZES))):
-        y = F.one_hot(torch.tensor([r[col] for r in fit]), n_cls).double()
-        pred = _apply(_ridge(x_fit, y), x_test).argmax(1)
-        out[name] = float((pred == torch.tensor([r[col] for r in test])).double().mean())
-    w = _ridge(x_fit, torch.tensor([r[5] for r in fit], dtype=torch.float64))
-    boxes = _apply(w, x_test).tolist()
-    out["box_acc50"] = sum(box_iou(b, r[5]) >= 0.5 for b, r in zip(boxes, test)) / len(test)
-    pooled = feats.mean(1)
-    counts = torch.tensor([len(sc.shapes) for sc in scenes])
-    y = F.one_hot(counts - 1, 4).double()
-    pred = _apply(_ridge(pooled[:split], y[:split]), pooled[split:]).argmax(1) + 1
-    out["count"] = float((pred == counts[split:]).double().mean())
-    out["n_shapes_scored"] = len(test)
-    return out
+                       for i in range(0, len(pixels), 128)])
+    return linear_probes(scenes, feats, spec.vit_image // spec.vit_patch)

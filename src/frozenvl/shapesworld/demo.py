@@ -73,7 +73,7 @@ REAL_FULL = Scale(n_train_images=1000, n_eval_images=60, n_text_train=200, n_tex
                   bases=BaseSpec(), align_steps=30, tune_steps=120, batch_size=8, eval_batch=24,
                   n_chat_prompts=120, n_bench_items=200)
 REAL_QUICK = Scale(n_train_images=200, n_eval_images=20, n_text_train=200, n_text_eval=None,
-                   bases=BaseSpec(), align_steps=5, tune_steps=15, batch_size=4, eval_batch=24,
+                   bases=BaseSpec(probe_vit_scenes=60, probe_llm_scenes=5), align_steps=5, tune_steps=15, batch_size=4, eval_batch=24,
                    n_chat_prompts=100, n_bench_items=40)
 BASES = ("tiny", "real")
 
@@ -299,6 +299,7 @@ def _run_demo(out: str, *, quick: bool, seed: int, seeds: int, data_seed: int | 
     if real_track:
         runs = [replace(r, workflow=real.fit_workflow(r.workflow), stages=real.fit_stages(r.stages)) for r in runs]
     label = "quick" if scale is presets[0] else "full" if scale is presets[1] else "custom"
+    precision = real.train_precision() if real_track else "auto"  # the tiny track: fp32 on a CPU
     trained: dict[str, list[Any]] = {r.name: [None] * len(train_seeds) for r in runs}
     todo: list[Job] = []
     slots: dict[str, tuple[str, int]] = {}  # job name -> (run, seed index)
@@ -311,6 +312,7 @@ def _run_demo(out: str, *, quick: bool, seed: int, seeds: int, data_seed: int | 
                 "workflow": {"name": run.name, **run.workflow},
                 "data": {"train": os.path.join(data_dir, run.data), "max_length": 256},
                 "stages": run.stages, "seed": s, "save_every": 0, "keep_last": 1, "log_every": 1, **LOSS,
+                "precision": precision,
             }
             todo.append(Job(f"{run.name}/seed{s}", _train_run, (cfg, bars and workers == 1)))
             slots[todo[-1].name] = (run.name, k)
@@ -345,6 +347,9 @@ def _run_demo(out: str, *, quick: bool, seed: int, seeds: int, data_seed: int | 
         benches = real.load_benchmarks(bench_dir, scale.n_bench_items)
         say(f"== scoring the base LLM on {', '.join(f'{b} ({len(v)})' for b, v in benches.items())}", flush=True)
         base_bench = real.benchmark_correct(model, benches, "text", deployed=False, progress=bars)
+        say(f"== probing the bases ({scale.bases.probe_vit_scenes} scenes for DINOv2, "
+            f"{scale.bases.probe_llm_scenes} described in words for SmolLM2)", flush=True)
+        real_probes = real.probe_bases(model, llm_dir, vision_dir, scale.bases)
         base_preds = {b: [{"id": it.id, "score": v} for it, v in zip(items, base_bench[b])] for b, items in benches.items()}
     else:
         text_items = [*read_eval_file(os.path.join(data_dir, "eval_text.jsonl")),
@@ -386,11 +391,11 @@ def _run_demo(out: str, *, quick: bool, seed: int, seeds: int, data_seed: int | 
                                    "metrics": {k: estimate(v).to_dict() for k, v in majority["scores"].items()}},
                       "constant_box": {"box": box["box"],
                                        "metrics": {k: estimate(v).to_dict() for k, v in box["scores"].items()}}},
-        "box_format": scale.bases.box_format, "loss": LOSS,
+        "box_format": scale.bases.box_format, "loss": LOSS, "precision": precision,
         # what the tiny bases know (their probes); the real bases come with their provenance instead
         "bases": ({"spec": base_info(llm_dir)["spec"], "probes": base_info(llm_dir)["probes"]} if not real_track
-                  else {"llm": llm_dir, "vision": vision_dir, "provenance": os.path.join(os.path.dirname(llm_dir),
-                                                                                         "provenance.json")}),
+                  else {"llm": llm_dir, "vision": vision_dir, "probes": real_probes,
+                        "provenance": os.path.join(os.path.dirname(llm_dir), "provenance.json")}),
         "runs": {},
     }
     results["runs"]["text"] = {"label": "base LLM (text workflow)", "family": "base LLM",

@@ -7,6 +7,7 @@ What differs from the tiny track, and why:
 - image tokens: DINOv2-S/14 gives a 16x16 patch grid at 224 px; the families that take a connector
   merge it 2x2 (`pixel_shuffle:factor=2`), 64 tokens per image instead of 256, which is what fits
   the CPU budget (benchmarks/bench_real_bases.py measures both);
+- training runs under bf16 autocast where the hardware has bf16 matmuls (`train_precision`);
 - the full fine-tune (the LLaVA baseline) trains the LLM at LLaVA's own rate (2e-5), not the tiny
   track's;
 - text skills are the real model's: ARC-Easy and PIQA scored by log-likelihood, through each
@@ -35,6 +36,20 @@ REAL_FIT: dict[str, dict[str, Any]] = {
 }
 #: LLaVA's learning rate for the LLM in its fine-tuning stage.
 FULL_FINETUNE_LR = 2e-5
+def train_precision() -> str:
+    """The real track's training precision: bf16 autocast (fp32 masters, docs/training.md) where the
+    hardware runs bf16 matmuls natively (a GPU, or a CPU with AVX512-BF16 or AMX), fp32 elsewhere.
+    On a 2-core AMX CPU bf16 trains the real prefix ~1.7x faster (benchmarks/bench_real_bases.py);
+    without bf16 instructions it would be emulated, and slower than fp32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16"
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bf16" if native else "fp32"
+
+
 #: Text benchmarks of the real track, as frozenvl.eval.text_skills names them.
 BENCHMARKS = ("arc_easy", "piqa")
 
@@ -65,6 +80,22 @@ def fit_stages(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 {**{p: lr for p in st["train"] if p != "llm"}, "llm": FULL_FINETUNE_LR}
         out.append(st)
     return out
+
+
+def probe_bases(model: "FrozenVLModel", llm_dir: str, vision_dir: str, spec: Any) -> dict[str, dict[str, float]]:
+    """What the real bases give any workflow, as the tiny track's probes measure it (the report's
+    "What the frozen bases know"): linear probes of DINOv2's patch features at the workflows'
+    default layer, through their own preprocessing, on `spec.probe_vit_scenes` fresh scenes; and
+    SmolLM2's zero-shot answers on `spec.probe_llm_scenes` scenes described in words. Zero-shot, the
+    chat model answers in sentences of its own, so its figure is a floor of what it can read from
+    words, not the trained ceiling the tiny LLM's probe is."""
+    from ..vision.images import ImagePreprocessor
+    from .bases import probe_llm
+    from .probes import probe_tower
+
+    pre = ImagePreprocessor.from_pretrained(vision_dir, vision_config=model.vision.config, mode="pad")
+    return {"vit": probe_tower(model.vision, pre, n_scenes=spec.probe_vit_scenes, seed=spec.seed),
+            "llm": probe_llm(llm_dir, spec, spec.probe_llm_scenes)}
 
 
 def chat_items(n: int | None = None) -> list[dict[str, Any]]:

@@ -283,14 +283,20 @@ def _bases_section(results: dict[str, Any]) -> list[str]:
     vit, llm = probes["vit"], probes["llm"]
     keys = [k for k in ("colour", "kind", "size", "count", "box_acc50") if k in vit]
     qtypes = [k for k in llm if k != "overall"]
+    real = results.get("track") == "real"
+    encoder = "DINOv2's" if real else "the ViT's"
+    layer = f" (hidden layer {vit['layer']}, the workflows' default)" if "layer" in vit else ""
+    llm_text = ("SmolLM2's zero-shot VQA accuracy on fresh scenes *described in words*, in the chat answers "
+                "it writes untrained: a floor of what it can read from words, not a trained ceiling."
+                if real else "The base LLM's VQA accuracy on fresh scenes *described in words* (its pretraining "
+                "format): no workflow that keeps this LLM frozen can be expected to beat it.")
     return ["", "## What the frozen bases know (the ceiling)", "",
-            f"Linear probes on the ViT's patch features, on {vit.get('n_shapes_scored', '?')} shapes of fresh scenes "
-            "(colour, kind, size and box from the patch under each shape's centre, box as Acc@0.5 of the linearly "
-            "read box; count from the mean patch feature):", "",
+            f"Linear probes on {encoder} patch features{layer}, on {vit.get('n_shapes_scored', '?')} shapes of "
+            "fresh scenes (colour, kind, size and box from the patch under each shape's centre, box as Acc@0.5 of "
+            "the linearly read box; count from the mean patch feature):", "",
             "| " + " | ".join(keys) + " |", "|" + "---:|" * len(keys),
             "| " + " | ".join(f"{100 * vit[k]:.1f}%" for k in keys) + " |", "",
-            "The base LLM's VQA accuracy on fresh scenes *described in words* (its pretraining format): no "
-            "workflow that keeps this LLM frozen can be expected to beat it.", "",
+            llm_text, "",
             "| " + " | ".join([*("grounding Acc@0.5" if q == "box" else q for q in qtypes), "VQA overall"]) + " |",
             "|" + "---:|" * (len(qtypes) + 1),
             "| " + " | ".join(f"{100 * llm[k]:.1f}%" for k in [*qtypes, "overall"]) + " |"]
