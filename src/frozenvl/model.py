@@ -272,8 +272,10 @@ class FrozenVLModel(nn.Module):
     def vision_features(self, task: str, pixel_values: torch.Tensor) -> torch.Tensor:
         """The frozen vision tower's features of [n, 3, H, W] images as workflow `task` selects them
         (its layer, CLS kept or not): what its connector reads. See :meth:`caches_vision_features`."""
-        family = self.workflow(task)
-        return self.vision(pixel_values, select_layer=family.cfg.select_layer, keep_cls=family.cfg.keep_cls)
+        return self._tower_features(self.workflow(task), pixel_values)
+
+    def _tower_features(self, family: Family, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vision(pixels, select_layer=family.cfg.select_layer, keep_cls=family.cfg.keep_cls)
 
     def _image_embeds(self, task: str, pixel_values: torch.Tensor | None,
                       vision_features: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -304,7 +306,7 @@ class FrozenVLModel(nn.Module):
             if own is not None:  # the connector embeds the pixels itself
                 return family.encode_images(pixels)
             flat = pixels.flatten(0, 1) if frames is not None else pixels
-            feats = self.vision(flat, select_layer=family.cfg.select_layer, keep_cls=family.cfg.keep_cls)
+            feats = self._tower_features(family, flat)
             if frames is not None:
                 feats = feats.view(pixels.shape[0], frames, *feats.shape[1:])
             return family.encode_images(feats)
@@ -325,8 +327,7 @@ class FrozenVLModel(nn.Module):
 
         def encode(tiled: TiledPixels) -> list[torch.Tensor]:
             # a pixel-embedding connector (monolithic) takes the tiles themselves
-            feats = tiled.tiles if own is not None else self.vision(
-                tiled.tiles, select_layer=family.cfg.select_layer, keep_cls=family.cfg.keep_cls)
+            feats = tiled.tiles if own is not None else self._tower_features(family, tiled.tiles)
             tokens = family.encode_images(feats).split(tiled.counts)
             if family.tiles_as_media:  # an image's tiles, in the layout's order, are its medium
                 return [t.flatten(0, 1) for t in tokens]

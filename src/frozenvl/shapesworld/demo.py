@@ -73,7 +73,8 @@ REAL_FULL = Scale(n_train_images=1000, n_eval_images=60, n_text_train=200, n_tex
                   bases=BaseSpec(), align_steps=30, tune_steps=120, batch_size=8, eval_batch=24,
                   n_chat_prompts=120, n_bench_items=200)
 REAL_QUICK = Scale(n_train_images=200, n_eval_images=20, n_text_train=200, n_text_eval=None,
-                   bases=BaseSpec(probe_vit_scenes=60, probe_llm_scenes=5), align_steps=5, tune_steps=15, batch_size=4, eval_batch=24,
+                   bases=BaseSpec(probe_vit_scenes=60, probe_llm_scenes=5), align_steps=5, tune_steps=15,
+                   batch_size=4, eval_batch=24,
                    n_chat_prompts=100, n_bench_items=40)
 BASES = ("tiny", "real")
 

@@ -96,12 +96,11 @@ def probe_tower(tower: VisionTower, pre: ImagePreprocessor, n_scenes: int = 300,
     preprocessing)."""
     from .. import inputs
 
+    if tower.grid[0] != tower.grid[1]:
+        raise ValueError(f"the probes read a square patch grid; this tower's is {tower.grid}")
     rng = random.Random(f"shapesworld:{seed}:tower-probe")
     scenes = [sample_scene(rng) for _ in range(n_scenes)]
     feats = torch.cat([
         tower(inputs.to_pixel_values([s.render() for s in scenes[i : i + batch]], pre), select_layer=layer).float().cpu()
         for i in range(0, n_scenes, batch)])
-    grid = tower.grid[0]
-    if tower.grid[0] != tower.grid[1]:
-        raise ValueError(f"the probes read a square patch grid; this tower's is {tower.grid}")
-    return {**linear_probes(scenes, feats, grid, pre), "layer": layer}
+    return {**linear_probes(scenes, feats, tower.grid[0], pre), "layer": layer}

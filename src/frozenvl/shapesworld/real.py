@@ -36,6 +36,8 @@ REAL_FIT: dict[str, dict[str, Any]] = {
 }
 #: LLaVA's learning rate for the LLM in its fine-tuning stage.
 FULL_FINETUNE_LR = 2e-5
+
+
 def train_precision() -> str:
     """The real track's training precision: bf16 autocast (fp32 masters, docs/training.md) where the
     hardware runs bf16 matmuls natively (a GPU, or a CPU with AVX512-BF16 or AMX), fp32 elsewhere.
