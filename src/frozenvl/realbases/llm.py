@@ -9,7 +9,10 @@ model (torch.equal), and a greedy answer through the model's own chat template.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,16 +27,34 @@ class GgufConversionError(ValueError):
     """The GGUF file did not convert into a working HF model."""
 
 
+@contextlib.contextmanager
+def _gguf_bar_only_on_a_terminal():
+    """transformers' GGUF reader draws its own tqdm bar, which `disable_progress_bar()` does not reach;
+    written to a log file it is hundreds of carriage-return updates, so it is shown on a terminal only."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None or sys.stderr.isatty():
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def _load_gguf(gguf_path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    model = AutoModelForCausalLM.from_pretrained(
-        folder,
-        gguf_file=name,
-        dtype=torch.float32,
-        quantization_config=GgufConfig(gguf_file=name, dequantize=True),
-    )
+    with _gguf_bar_only_on_a_terminal():
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            gguf_file=name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(gguf_file=name, dequantize=True),
+        )
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     return model.eval(), tokenizer
 
