@@ -31,6 +31,7 @@ REAL_FIT: dict[str, dict[str, Any]] = {
     "prefix": {"connector": CONNECTOR_64},
     "inner_adaptor": {"connector": CONNECTOR_64},
     "wings": {"connector": CONNECTOR_64},
+    "visual_experts": {"connector": CONNECTOR_64},
     "adaption_prompt": {"adapter_layers": 8},  # LLaMA-Adapter's share of the layers, not the tiny LLM's all
     "cross_attention": {"every": 4},  # Flamingo's spacing on a 30-layer LLM, not the tiny LLM's every layer
 }
