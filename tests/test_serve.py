@@ -229,8 +229,13 @@ def test_concurrent_greedy_equals_sequential_and_batches(client, server, monkeyp
     monkeypatch.setattr(engine, "_run", held)
     log_start = len(engine.batch_log)
     with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(ask, r) for r in reqs]
+        # the first request alone, until the worker holds it: otherwise the worker's first batch takes
+        # however many requests happen to have arrived, and what is left to batch depends on timing
+        futures = [pool.submit(ask, reqs[0])]
         deadline = time.monotonic() + 30
+        while not first and time.monotonic() < deadline:
+            time.sleep(0.01)
+        futures += [pool.submit(ask, r) for r in reqs[1:]]
         while engine.status()["queued"] + sum(len(b) for b in first) < 8 and time.monotonic() < deadline:
             time.sleep(0.01)
         release.set()
