@@ -24,6 +24,8 @@ WORKFLOWS = {
     "cross_attention_idefics": ({"family": "cross_attention", "style": "idefics", "gate_type": "vector", "qk_norm": True,
                                  "every": 1, "resampler_depth": 1, "resampler_latents": 4, "resampler_heads": 2,
                                  "resampler_head_dim": 8}, 0.1, ["xattn", "resampler"]),
+    # the demo's recipe: cross-attention over the raw patch features, no resampler
+    "cross_attention_raw": ({"family": "cross_attention", "every": 1, "resampler": False}, 0.1, ["xattn"]),
     "visual_experts": ({"family": "visual_experts", "connector": "monolithic:size=56", "attention_experts": True},
                        0.1, None),
 }
