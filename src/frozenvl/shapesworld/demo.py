@@ -123,8 +123,8 @@ FAMILY_RECIPES: dict[str, dict[str, Any]] = {
     },
     "visual_experts": {
         # the experts over the ViT's patches (the family's `vision` + connector option): Mono-InternVL's own
-        # encoder-free embedding learns to see from raw pixels, which 300 steps do not teach (sweep: 41.6%
-        # with "monolithic:size=64,patch=8" vs 47.9% with the ViT)
+        # encoder-free embedding learns to see from raw pixels, which 300 steps do not teach (sweep, current bases:
+        # 39.8% with "monolithic:size=64,patch=8" vs 47.9% with the ViT)
         "workflow": lambda scale: {"connector": "mlp2x_gelu"},
         "stages": [("tune", ["*"], 1e-3, 1.0)],
     },
@@ -135,10 +135,10 @@ FAMILY_RECIPES: dict[str, dict[str, Any]] = {
         "stages": [("align", ["connector", "visual"], 3e-3, 0.3), ("tune", ["visual", "textual", "router"], 3e-3, 0.7)],
     },
 }
-#: Seconds of each full-scale run on one CPU thread (timings.json of `frozenvl demo`, 2 cores, two at
+#: Seconds of each full-scale run on one CPU thread (timings.json of a fresh `frozenvl demo`, 2026-12-03, 2 cores, two at
 #: a time): only the order the runs start in, longest first; a run not listed is taken as the longest.
-RUN_SECONDS = {"cross_attention": 80, "wings": 95, "g": 85, "mm": 83, "prefix_full": 74, "prefix": 64,
-               "visual_experts": 75, "adaption_prompt": 38, "bind": 28}
+RUN_SECONDS = {"wings": 72, "mm": 70, "g": 67, "cross_attention": 63, "visual_experts": 53, "prefix_full": 52,
+               "prefix": 43, "adaption_prompt": 29, "bind": 20}
 GENERIC: dict[str, Any] = {"workflow": lambda scale: {}, "stages": [("tune", ["*"], 1e-3, 1.0)]}
 
 
