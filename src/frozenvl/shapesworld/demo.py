@@ -135,8 +135,8 @@ FAMILY_RECIPES: dict[str, dict[str, Any]] = {
         "stages": [("align", ["connector", "visual"], 3e-3, 0.3), ("tune", ["visual", "textual", "router"], 3e-3, 0.7)],
     },
 }
-#: Seconds of each full-scale run on one CPU thread (timings.json of a fresh `frozenvl demo`, 2026-12-03, 2 cores, two at
-#: a time): only the order the runs start in, longest first; a run not listed is taken as the longest.
+#: Seconds of each full-scale run on one CPU thread (timings.json of a fresh `frozenvl demo`, 2026-12-03,
+#: 2 cores, two at a time): only the order the runs start in, longest first; a run not listed is taken as the longest.
 RUN_SECONDS = {"wings": 72, "mm": 70, "g": 67, "cross_attention": 63, "visual_experts": 53, "prefix_full": 52,
                "prefix": 43, "adaption_prompt": 29, "bind": 20}
 GENERIC: dict[str, Any] = {"workflow": lambda scale: {}, "stages": [("tune", ["*"], 1e-3, 1.0)]}
