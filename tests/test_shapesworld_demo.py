@@ -96,8 +96,36 @@ def test_demo_two_seeds_intervals_verdicts_and_figures(tmp_path):
     # time instead of two at once: an identical results.json
     first = (tmp_path / "a" / "results.json").read_bytes()
     run_demo(str(tmp_path / "a"), scale=TINY, seeds=2, seed=3, data_seed=1, chat=False, progress=False, only=only,
-             jobs=1)
+             jobs=1, retrain=True)
     assert (tmp_path / "a" / "results.json").read_bytes() == first
+
+
+def test_demo_reuses_finished_runs_and_retrains_the_others(tmp_path, monkeypatch):
+    from frozenvl.shapesworld import demo
+
+    only = ["prefix", "bind"]
+    run_demo(str(tmp_path), scale=TINY, chat=False, progress=False, only=only, jobs=1)
+    first = (tmp_path / "results.json").read_bytes()
+    trained: list[str] = []
+    train_run = demo._train_run
+    monkeypatch.setattr(demo, "_train_run", lambda cfg, *a: trained.append(cfg["workflow"]["name"]) or train_run(cfg, *a))
+
+    # a second call (as after a stop during evaluation) trains nothing and gives the same results
+    run_demo(str(tmp_path), scale=TINY, chat=False, progress=False, only=only, jobs=1)
+    assert trained == [] and (tmp_path / "results.json").read_bytes() == first
+    # a run that did not finish (no stamp), or was trained from another config, is trained again
+    os.remove(tmp_path / "runs" / "seed0" / "bind" / demo.RUN_STAMP)
+    stamp = tmp_path / "runs" / "seed0" / "prefix" / demo.RUN_STAMP
+    stamp.write_text(stamp.read_text().replace('"stamp": "', '"stamp": "0'))
+    run_demo(str(tmp_path), scale=TINY, chat=False, progress=False, only=only, jobs=1)
+    assert sorted(trained) == ["bind", "prefix"] and (tmp_path / "results.json").read_bytes() == first
+    # retrain: every run again
+    trained.clear()
+    run_demo(str(tmp_path), scale=TINY, chat=False, progress=False, only=only, jobs=1, retrain=True)
+    assert sorted(trained) == ["bind", "prefix"] and (tmp_path / "results.json").read_bytes() == first
+    # the stamp covers what decides the weights: the config and the training file
+    cfg = {"llm": str(tmp_path), "data": {"train": str(tmp_path / "data" / "train_mixed.json")}, "seed": 0}
+    assert demo._run_stamp(cfg, 1) != demo._run_stamp({**cfg, "seed": 1}, 1) != demo._run_stamp(cfg, 2)
 
 
 def test_bases_build_reload_and_cache(tmp_path):

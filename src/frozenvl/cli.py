@@ -379,6 +379,8 @@ def demo(
                                        "Instruct + DINOv2-S/14 from `frozenvl bases` (offline, cached).")] = "tiny",
     jobs: Annotated[Optional[int], typer.Option(min=1, help="Trainings run at once, one CPU thread each (tiny "
                                                 "bases; the results do not depend on it). Default: the CPU cores.")] = None,
+    retrain: Annotated[bool, typer.Option("--retrain", help="Train every run again, even one already trained in "
+                                          "--out with the same config, data and code (reused by default).")] = False,
 ) -> None:
     """ShapesWorld: train every family on one frozen base, evaluate, and check frozen vs fine-tuned."""
     from frozenvl.shapesworld.demo import BASES, run_demo
@@ -387,7 +389,7 @@ def demo(
         _fail(f"--bases {bases!r}: choose one of {', '.join(BASES)}")
     _quiet_transformers()
     run_demo(str(out), quick=quick, seed=seed, seeds=seeds, data_seed=data_seed, chat=False if no_chat else None,
-             bases=bases, jobs=jobs)
+             bases=bases, jobs=jobs, retrain=retrain)
 
 
 @app.command()

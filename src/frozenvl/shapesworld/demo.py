@@ -19,6 +19,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import json
 import os
 import re
@@ -34,7 +37,7 @@ from ..eval.verdicts import Finding, Scores, beats, estimate, learns_to_see, tex
 from ..families import FAMILIES
 from . import real
 from .bases import BaseSpec, base_info, build_bases
-from .jobs import Job, default_jobs, run_jobs
+from .jobs import JOB_THREADS, Job, default_jobs, run_jobs
 
 VISION_LAYER = -1  # the tiny ViT's patch heads were trained on its last layer
 
@@ -232,7 +235,7 @@ def _seen_text_eval(data_dir: str, seed: int) -> None:
 def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, seeds: int = 1,
              data_seed: int | None = None, chat: bool | None = None, progress: bool = True,
              only: list[str] | None = None, scale: Scale | None = None, bases: str = "tiny",
-             jobs: int | None = None) -> dict[str, Any]:
+             jobs: int | None = None, retrain: bool = False) -> dict[str, Any]:
     """Run the whole demo; returns the results dict also written to results.json.
 
     Every workflow is trained and evaluated once per training seed ``seed, seed+1, ...,
@@ -247,6 +250,9 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, seeds
     thread (shapesworld/jobs.py; the results do not depend on it); default: the CPU cores. With
     more than one, a script that calls this needs an ``if __name__ == "__main__":`` guard (the
     workers are spawned). The real track trains one run at a time on every thread.
+    A run already trained in `out` by an earlier call with the same config, training data, bases,
+    code and thread count is reused (so a call stopped during evaluation loses no training);
+    `retrain` trains every run again.
     """
     from transformers.utils import logging as hf_logging
 
@@ -255,7 +261,7 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, seeds
         hf_logging.disable_progress_bar()
     try:
         return _run_demo(out, quick=quick, seed=seed, seeds=seeds, data_seed=data_seed, chat=chat, progress=progress,
-                         only=only, scale=scale, bases=bases, jobs=jobs)
+                         only=only, scale=scale, bases=bases, jobs=jobs, retrain=retrain)
     finally:
         if shown:
             hf_logging.enable_progress_bar()
@@ -263,7 +269,9 @@ def run_demo(out: str = "demo_out", *, quick: bool = False, seed: int = 0, seeds
 
 def _run_demo(out: str, *, quick: bool, seed: int, seeds: int, data_seed: int | None, chat: bool | None,
               progress: bool, only: list[str] | None, scale: Scale | None, bases: str,
-              jobs: int | None) -> dict[str, Any]:
+              jobs: int | None, retrain: bool) -> dict[str, Any]:
+    import torch
+
     import frozenvl
     from ..eval import read_eval_file
     from .report import write_report
@@ -309,10 +317,10 @@ def _run_demo(out: str, *, quick: bool, seed: int, seeds: int, data_seed: int | 
     trained: dict[str, list[Any]] = {r.name: [None] * len(train_seeds) for r in runs}
     todo: list[Job] = []
     slots: dict[str, tuple[str, int]] = {}  # job name -> (run, seed index)
+    reused: list[str] = []
     for k, s in enumerate(train_seeds):
         for run in runs:
             run_dir = _run_dir(out, s, run.name)
-            shutil.rmtree(run_dir, ignore_errors=True)  # a rerun retrains from scratch
             cfg = {
                 "llm": llm_dir, "vision": vision_dir, "output_dir": run_dir,
                 "workflow": {"name": run.name, **run.workflow},
@@ -320,10 +328,19 @@ def _run_demo(out: str, *, quick: bool, seed: int, seeds: int, data_seed: int | 
                 "stages": run.stages, "seed": s, "save_every": 0, "keep_last": 1, "log_every": 1, **LOSS,
                 "precision": precision,
             }
-            todo.append(Job(f"{run.name}/seed{s}", _train_run, (cfg, bars and workers == 1)))
-            slots[todo[-1].name] = (run.name, k)
+            slots[f"{run.name}/seed{s}"] = (run.name, k)
+            stamp = _run_stamp(cfg, torch.get_num_threads() if real_track else JOB_THREADS)
+            if not retrain and (done := _finished_run(run_dir, stamp)) is not None:
+                trained[run.name][k] = done  # trained by an earlier call with this config, data and code
+                reused.append(f"{run.name}/seed{s}")
+                continue
+            shutil.rmtree(run_dir, ignore_errors=True)  # a changed or unfinished run retrains from scratch
+            todo.append(Job(f"{run.name}/seed{s}", _train_run, (cfg, bars and workers == 1, stamp)))
     if real_track:  # big matmuls use every thread well: one run at a time, the torch default threads
         workers = 1
+    if reused:
+        say(f"== reusing {len(reused)} runs trained earlier with the same config, data and code "
+            f"({', '.join(reused)}; --retrain trains them again)", flush=True)
     say(f"== training {len(todo)} runs ({', '.join(r.name for r in runs)}; seeds {', '.join(map(str, train_seeds))}), "
         f"{min(workers, len(todo))} at a time", flush=True)
 
@@ -342,6 +359,7 @@ def _run_demo(out: str, *, quick: bool, seed: int, seeds: int, data_seed: int | 
         todo.sort(key=lambda job: -RUN_SECONDS.get(slots[job.name][0], max(RUN_SECONDS.values())))
         run_jobs(todo, workers, on_done=finished)
     timings["train_wall"] = time.time() - t
+    timings["reused_runs"] = reused
     timings["train"] = sum(timings["train_runs"].values())
 
     # One model: the frozen base with each seed's trained workflows loaded side by side.
@@ -451,11 +469,69 @@ INTERVAL_NOTE = (
 )
 
 
-def _train_run(cfg: dict[str, Any], bars: bool):
-    """One demo training (a job: module level, so a spawned worker can run it)."""
+def _train_run(cfg: dict[str, Any], bars: bool, stamp: str):
+    """One demo training (a job: module level, so a spawned worker can run it). When it has
+    finished, ``demo_run.json`` records `stamp`, so that a later call can reuse the run."""
     from ..train import TrainConfig, train
 
-    return train(TrainConfig.from_dict(cfg), show_progress=bars)
+    res = train(TrainConfig.from_dict(cfg), show_progress=bars)
+    with open(os.path.join(cfg["output_dir"], RUN_STAMP), "w") as f:
+        json.dump({"stamp": stamp, "result": dataclasses.asdict(res)}, f, indent=1)
+    return res
+
+
+#: Written into a run's folder when its training has finished: what it was trained from.
+RUN_STAMP = "demo_run.json"
+
+
+@functools.cache
+def _code_fingerprint() -> str:
+    """SHA-256 over frozenvl's own source files: a run trained by other code is another run."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for name in sorted(files):
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                h.update(os.path.relpath(path, root).encode())
+                with open(path, "rb") as f:
+                    h.update(f.read())
+    return h.hexdigest()
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _run_stamp(cfg: dict[str, Any], threads: int) -> str:
+    """What decides a run's weights: its config, its training file, the bases (their folder names,
+    which the tiny track keys by spec, and for the real track their provenance), the code and the
+    thread count (it changes float sums)."""
+    blob = {"cfg": {k: v for k, v in cfg.items() if k != "output_dir"},
+            "data": _file_digest(cfg["data"]["train"]), "code": _code_fingerprint(), "threads": threads}
+    provenance = os.path.join(os.path.dirname(cfg["llm"]), "provenance.json")
+    if os.path.isfile(provenance):
+        blob["provenance"] = _file_digest(provenance)
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def _finished_run(run_dir: str, stamp: str):
+    """The TrainResult of a run in `run_dir` that finished with this `stamp`, else None."""
+    from ..train import TrainResult
+
+    try:
+        with open(os.path.join(run_dir, RUN_STAMP)) as f:
+            done = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if done.get("stamp") != stamp:
+        return None
+    return TrainResult(**done["result"])
 
 
 def _run_dir(out: str, seed: int, name: str) -> str:
