@@ -273,6 +273,7 @@ def _run_demo(out: str, *, quick: bool, seed: int, seeds: int, data_seed: int | 
     import torch
 
     import frozenvl
+
     from ..eval import read_eval_file
     from .report import write_report
 
