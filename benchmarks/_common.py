@@ -33,7 +33,7 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def n_params(module: "torch.nn.Module") -> int:
+def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
@@ -90,7 +90,7 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
     return min(times), statistics.median(times)
 
 
-def timed_train_steps(model: "FrozenVLModel", task: str, inputs: dict, labels: "torch.Tensor",
+def timed_train_steps(model: FrozenVLModel, task: str, inputs: dict, labels: torch.Tensor,
                       repeats: int) -> tuple[float, float]:
     """(best, median) seconds of one training step of workflow `task` (forward + backward + AdamW) in
     the trainer's precision discipline: fp32 master weights of the workflow and bf16 autocast when the

@@ -39,15 +39,14 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
+import torch
+import transformers
 from _common import load_average, log, n_params, print_load_footer, print_table, quiet  # benchmarks/ is on sys.path
-
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM
 
 quiet()
 
@@ -106,9 +105,7 @@ def build_sides(root: Path, new_tokens: int):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if name.endswith("adaption_prompt"):
-                p.copy_(torch.randn(p.shape, generator=g))
-            elif name.endswith("adaption_gate"):
+            if name.endswith("adaption_prompt") or name.endswith("adaption_gate"):
                 p.copy_(torch.randn(p.shape, generator=g))
     adapter_dir = root / "peft-adapter"
     peft_model.save_pretrained(adapter_dir)

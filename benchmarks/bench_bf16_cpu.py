@@ -19,7 +19,15 @@ import argparse
 import tempfile
 import time
 
-from _common import load_average, log, n_params, print_load_footer, quiet, timed, timed_train_steps  # benchmarks/ is on sys.path
+from _common import (  # benchmarks/ is on sys.path
+    load_average,
+    log,
+    n_params,
+    print_load_footer,
+    quiet,
+    timed,
+    timed_train_steps,
+)
 
 WORKFLOW = {"family": "inner_adaptor", "layers": [0, 8]}
 PROMPT = "<image>\nwhat colour is the image, and what shape is in it"

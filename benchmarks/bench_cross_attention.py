@@ -47,14 +47,13 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
+import torch
+import transformers
 from _common import load_average, log, n_params, print_load_footer, print_table, quiet  # benchmarks/ is on sys.path
-
-import torch  # noqa: E402
-import transformers  # noqa: E402
 
 quiet()
 

@@ -39,14 +39,13 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
+import torch
+import transformers
 from _common import load_average, log, n_params, print_load_footer, print_table, quiet  # benchmarks/ is on sys.path
-
-import torch  # noqa: E402
-import transformers  # noqa: E402
 
 quiet()
 
@@ -289,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         f"fp32 CPU, {new_tokens} new tokens, {repeats} repeat(s) per side after a warm-up"
         + (" [--quick]" if args.quick else "")
     )
-    from frozenvl.importers import import_llava_hf
     from transformers import LlavaForConditionalGeneration
+
+    from frozenvl.importers import import_llava_hf
 
     t_start = time.perf_counter()
     load_start = load_average()

@@ -21,7 +21,15 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import load_average, log, print_load_footer, print_table, quiet, timed, timed_train_steps  # benchmarks/ is on sys.path
+from _common import (  # benchmarks/ is on sys.path
+    load_average,
+    log,
+    print_load_footer,
+    print_table,
+    quiet,
+    timed,
+    timed_train_steps,
+)
 
 CONNECTORS = {256: "mlp2x_gelu", 64: "pixel_shuffle:factor=2"}
 QUESTION = "<image>\nWhat colour is the large shape?"

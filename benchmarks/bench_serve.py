@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fmt_load, load_average, log, quiet  # noqa: E402
+from _common import fmt_load, load_average, log, quiet
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 CLIENTS = (1, 4, 16)

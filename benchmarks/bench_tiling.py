@@ -21,7 +21,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import log, print_load_footer, quiet, load_average  # noqa: E402
+from _common import load_average, log, print_load_footer, quiet
 
 
 def _build(root: str, quick: bool):

@@ -51,6 +51,7 @@ fewer steps as a smoke run (< 1 min).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -221,10 +222,8 @@ def _trim_and_reset_peak() -> bool:
     import gc
 
     gc.collect()
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -38,9 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from _common import load_average, log, n_params, print_load_footer, print_table, quiet  # benchmarks/ is on sys.path
-
-import torch  # noqa: E402
 
 quiet()
 

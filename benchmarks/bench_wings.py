@@ -32,13 +32,12 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
+import torch
 from _common import load_average, log, print_load_footer, print_table, quiet  # benchmarks/ is on sys.path
-
-import torch  # noqa: E402
 
 quiet()
 

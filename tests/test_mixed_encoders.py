@@ -3,6 +3,7 @@ and concatenated along channels, behind one connector; trains on ShapesWorld cap
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -95,7 +96,7 @@ def test_trains_on_shapesworld_and_saves(encoders, tmp_path):
         losses.append(loss.item())
     model.eval()
     # only the connector learns (the tiny LLM is random and frozen): the loss falls every step, by > 0.2 nats
-    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.2, losses
+    assert all(b < a for a, b in itertools.pairwise(losses)) and losses[-1] < losses[0] - 0.2, losses
     assert all(p.grad is None for p in model.vision.parameters())  # the encoders stay frozen
     assert model.workflow("mm").connector.linear_1.in_features == 32 + 24
     model.save_pretrained(tmp_path)
@@ -115,9 +116,8 @@ def test_bad_vision_lists():
 def test_keep_cls_refused(encoders):
     llm, clip, dino, _ = encoders
     model = FrozenVLModel.build(llm, [clip, dino], workflows={"mm": {"family": "prefix", "keep_cls": True}})
-    with pytest.raises(ValueError, match="keep_cls: false"):
-        with torch.no_grad():
-            model(**model.prepare_inputs("<image> x", [_scenes(1)[0][0]], task="mm"), task="mm")
+    with pytest.raises(ValueError, match="keep_cls: false"), torch.no_grad():
+        model(**model.prepare_inputs("<image> x", [_scenes(1)[0][0]], task="mm"), task="mm")
 
 
 def test_mixed_encoders_with_tiles(encoders):

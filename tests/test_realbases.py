@@ -162,9 +162,9 @@ def _write_split(folder: Path, rows: int, claimed: int | None = None) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     table = pa.table({"question": [f"q{i}" for i in range(rows)], "answerKey": ["A"] * rows})
-    with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink:
-        with pa.ipc.new_stream(sink, table.schema) as writer:  # HF datasets' Arrow files are streams
-            writer.write_table(table)
+    with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink, \
+            pa.ipc.new_stream(sink, table.schema) as writer:  # HF datasets' Arrow files are streams
+        writer.write_table(table)
     info = {"splits": {folder.name: {"num_examples": rows if claimed is None else claimed}}, "homepage": "h"}
     (folder / "dataset_info.json").write_text(json.dumps(info))
     (folder / "state.json").write_text("{}")

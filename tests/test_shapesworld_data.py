@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 import re
@@ -166,7 +167,7 @@ def _check_item(root: Path, image: str, qtype: str, question: str, answer: str, 
         described = [m.groups() for m in parts]
         assert sorted(described) == sorted((b["size"], b["colour"], b["kind"]) for b in blobs), where
         xs = [_one(blobs, colour=c, kind=k)["mx"] for _, c, k in described]
-        assert all(a <= b + 0.5 for a, b in zip(xs, xs[1:])), f"{where}: not left to right ({xs})"
+        assert all(a <= b + 0.5 for a, b in itertools.pairwise(xs)), f"{where}: not left to right ({xs})"
     elif qtype == "box":
         colour, kind = _GROUND.fullmatch(question).groups()
         blob = _one(blobs, colour=colour, kind=kind)
@@ -213,7 +214,7 @@ def test_render_is_exact_geometry():
             lo, hi = SMALL_R if s.size == "small" else LARGE_R
             assert lo <= s.r <= hi
             x1, y1, x2, y2 = s.bbox()
-            assert 0 <= x1 and 0 <= y1 and x2 < scene.width and y2 < scene.height
+            assert x1 >= 0 and y1 >= 0 and x2 < scene.width and y2 < scene.height
             inside = np.all(arr[y1 : y2 + 1, x1 : x2 + 1] == np.array(s.rgb, dtype=arr.dtype), axis=2)
             ys, xs = np.nonzero(inside)
             assert (xs.min(), ys.min(), xs.max(), ys.max()) == (0, 0, x2 - x1, y2 - y1)
@@ -317,7 +318,7 @@ def test_pixel_checker_catches_wrong_answers(dataset):
             with pytest.raises(AssertionError):
                 _check_item(root, r["image"], r["qtype"], r["question"], bad, {})
             checked.add(r["qtype"])
-    left = [r for r in rows if r["qtype"] == "left_of"][0]
+    left = next(r for r in rows if r["qtype"] == "left_of")
     c1, k1, c2, k2 = _Q["left_of"].fullmatch(left["question"]).groups()
     other = f"{c2} {k2}" if left["answer"] == f"{c1} {k1}" else f"{c1} {k1}"
     with pytest.raises(AssertionError):

@@ -465,8 +465,8 @@ def test_training_batches_tiled_images(task, bases, tmp_path):
     trains the workflow (its connector and layout tokens) and leaves the base bit-identical; the
     trained workflow saves and loads. Failed with a TypeError in collate before TiledPixels.cat."""
     from frozenvl.data.dataset import collate
-    from frozenvl.vision.tiling import TiledPixels
     from frozenvl.train.trainer import base_checksum
+    from frozenvl.vision.tiling import TiledPixels
 
     llm, vis = bases()
     data = _tiled_data(tmp_path / "d")

@@ -7,7 +7,15 @@ import math
 import pytest
 
 from frozenvl.eval.verdicts import (
-    NOT_DECIDED, REFUTED, REPRODUCED, Scores, at_least, better, beyond, estimate, t_quantile,
+    NOT_DECIDED,
+    REFUTED,
+    REPRODUCED,
+    Scores,
+    at_least,
+    better,
+    beyond,
+    estimate,
+    t_quantile,
 )
 
 

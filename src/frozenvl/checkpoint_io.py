@@ -23,7 +23,7 @@ def weights_path(directory: str | os.PathLike, name: str) -> str:
     return os.path.join(directory, WEIGHTS_PATTERN.format(name=name))
 
 
-def save_model(model: "FrozenVLModel", directory: str | os.PathLike, tasks: Sequence[str] | None = None) -> None:
+def save_model(model: FrozenVLModel, directory: str | os.PathLike, tasks: Sequence[str] | None = None) -> None:
     """Write frozenvl.json and one safetensors file per workflow (all of them, or `tasks`)."""
     os.makedirs(directory, exist_ok=True)
     names = list(tasks) if tasks is not None else list(model.workflows.keys())
@@ -62,7 +62,7 @@ def inside(path: str | None, directory: str | os.PathLike) -> str | None:
     return local if os.path.isdir(local) else path
 
 
-def load_weights(family: "Family", path: str) -> None:
+def load_weights(family: Family, path: str) -> None:
     """Copy the weights saved at `path` into `family`; the keys and shapes must match exactly."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file {path} is missing")

@@ -22,6 +22,7 @@ with the conversation as it was.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -269,10 +270,8 @@ def chat(
 
 
 def _interactive(model, out: Console, task: str, base: list[dict[str, Any]], pending: list, gen_kwargs) -> None:
-    try:  # line editing and history at a terminal, where available
+    with contextlib.suppress(ImportError):  # line editing and history at a terminal, where available
         import readline  # noqa: F401
-    except ImportError:
-        pass
     messages: list[dict[str, Any]] = list(base)
     conv_images: list[Any] = []  # every image of the conversation so far, in order
     out.print(

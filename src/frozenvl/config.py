@@ -172,7 +172,7 @@ class ModelConfig:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         _check_keys(cls, data, CONFIG_NAME)
         version = data.get("format_version", FORMAT_VERSION)
         if version > FORMAT_VERSION:
@@ -187,7 +187,7 @@ class ModelConfig:
             f.write("\n")
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "ModelConfig":
+    def load(cls, directory: str | os.PathLike) -> ModelConfig:
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found: is {directory!s} a frozenvl model directory?")

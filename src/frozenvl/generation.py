@@ -32,7 +32,7 @@ FINISHED_CHECK_EVERY = 8
 MAX_PENDING_TOKENS = 8
 
 
-def eos_token_ids(model: "FrozenVLModel") -> list[int]:
+def eos_token_ids(model: FrozenVLModel) -> list[int]:
     """The base's eos ids: its generation config's (one id or several), else the tokenizer's; [] if none."""
     gen_cfg = getattr(model.llm, "generation_config", None)
     eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
@@ -54,7 +54,7 @@ class GenerationConfig:
     seed: int | None = None
 
     @classmethod
-    def make(cls, model: "FrozenVLModel", **kwargs: Any) -> "GenerationConfig":
+    def make(cls, model: FrozenVLModel, **kwargs: Any) -> GenerationConfig:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(kwargs) - known)
         if unknown:
@@ -158,7 +158,7 @@ class _StopWatch:
     Only a tail as long as the longest stop string is kept and searched, so each step costs the
     same however long the output grows."""
 
-    def __init__(self, model: "FrozenVLModel", rows: int, stops: Sequence[str]):
+    def __init__(self, model: FrozenVLModel, rows: int, stops: Sequence[str]):
         self.stops = [s for s in stops if s]
         self.keep = max((len(s) for s in self.stops), default=1) - 1
         lock = getattr(model, "_tokenizer_lock", None)
@@ -179,7 +179,7 @@ class _StopWatch:
 # ------------------------------------------------------------------ the loop
 @torch.no_grad()
 def _decode_loop(
-    model: "FrozenVLModel",
+    model: FrozenVLModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     pixel_values: torch.Tensor | None,
@@ -224,9 +224,9 @@ def _decode_loop(
         yield token, finished
         if step == cfg.max_new_tokens - 1:
             return  # no forward pass for a token nobody will read
-        if can_finish and (stops is not None or step % FINISHED_CHECK_EVERY == FINISHED_CHECK_EVERY - 1):
-            if bool(finished.all()):
-                return
+        checked = stops is not None or step % FINISHED_CHECK_EVERY == FINISHED_CHECK_EVERY - 1
+        if can_finish and checked and bool(finished.all()):
+            return
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         if cfg.use_cache:
             # no placeholders in a decode step (images live in the cache) and tokens the model made
@@ -243,7 +243,7 @@ def _decode_loop(
 
 
 def generate_steps(
-    model: "FrozenVLModel",
+    model: FrozenVLModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     pixel_values: torch.Tensor | None,

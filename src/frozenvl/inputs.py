@@ -8,10 +8,9 @@ reads them off the vision-token slots.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
-
-import itertools
 
 import torch
 
@@ -140,7 +139,7 @@ def check_image_tokens(llm_config: Any, per_prompt: Sequence[Sequence[int]]) -> 
 
 # ------------------------------------------------------------------ whole requests
 def images_in(
-    model: "FrozenVLModel", images: Any, n_rows: int, task: str
+    model: FrozenVLModel, images: Any, n_rows: int, task: str
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(pixel_values, image_rows) from user `images` next to ready input_ids: a tensor, a flat list, or
     one list per row (only that names the rows; otherwise they are resolved later)."""
@@ -160,7 +159,7 @@ def images_in(
 
 
 def prepare_inputs(
-    model: "FrozenVLModel",
+    model: FrozenVLModel,
     prompts: str | Sequence[str],
     images: Any = None,
     task: str = TEXT_TASK,
@@ -197,7 +196,7 @@ def prepare_inputs(
     n_tok = model.image_token_counts(task, pixel_values) if task != TEXT_TASK else 0
     if not isinstance(n_tok, int):  # tiled images: each its own count, sliced per prompt
         starts = [0, *itertools.accumulate(counts)]
-        n_tok = [n_tok[a:b] for a, b in zip(starts, starts[1:])]
+        n_tok = [n_tok[a:b] for a, b in itertools.pairwise(starts)]
         check_image_tokens(model.llm.config, n_tok)
     else:
         n_tok = [n_tok] * len(prompts)

@@ -91,7 +91,7 @@ class FrozenVLModel(nn.Module):
         dtype: str | torch.dtype | None = None,
         attn_implementation: str | None = None,
         device: str | torch.device | None = None,
-    ) -> "FrozenVLModel":
+    ) -> FrozenVLModel:
         dt = _dtype(dtype)
         config = ModelConfig(
             llm=_resolve(llm),
@@ -181,7 +181,7 @@ class FrozenVLModel(nn.Module):
         if task != TEXT_TASK and task not in self.workflows:
             raise ValueError(f"unknown task {task!r}; available tasks: {self.tasks}")
 
-    def train(self, mode: bool = True) -> "FrozenVLModel":
+    def train(self, mode: bool = True) -> FrozenVLModel:
         # The frozen base stays in eval mode (no dropout) whatever the workflows do.
         super().train(mode)
         self.llm.eval()

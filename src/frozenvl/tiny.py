@@ -34,12 +34,12 @@ from typing import Any
 __all__ = [
     "CHAT_TEMPLATES",
     "LLM_ARCHS",
-    "VISION_ARCHS",
     "SPECIAL_TOKENS",
-    "build_tokenizer",
+    "VISION_ARCHS",
     "build_llm",
-    "build_vision",
     "build_tiny_bases",
+    "build_tokenizer",
+    "build_vision",
     "default_corpus",
 ]
 

@@ -201,13 +201,13 @@ class EvalReport:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _sees_images(model: "FrozenVLModel", task: str) -> bool:
+def _sees_images(model: FrozenVLModel, task: str) -> bool:
     if task == "text":
         return False
     return bool(getattr(model.workflow(task), "uses_images", True))
 
 
-def _prompt(model: "FrozenVLModel", item: dict[str, Any], chat: bool) -> str:
+def _prompt(model: FrozenVLModel, item: dict[str, Any], chat: bool) -> str:
     question = item["question"]
     content = question
     if "image" in item and IMAGE_PLACEHOLDER not in question:
@@ -224,7 +224,7 @@ def _cut_at_eos(row: list[int], eos: set[int]) -> list[int]:
     return row
 
 
-def _eos_ids(model: "FrozenVLModel") -> set[int]:
+def _eos_ids(model: FrozenVLModel) -> set[int]:
     return set(eos_token_ids(model))
 
 
@@ -281,7 +281,7 @@ def _score(preds: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def evaluate(
-    model: "FrozenVLModel",
+    model: FrozenVLModel,
     items_or_path: str | os.PathLike | Iterable[dict[str, Any]],
     *,
     task: str,
@@ -404,7 +404,7 @@ def evaluate(
 
 
 def text_preservation(
-    model: "FrozenVLModel",
+    model: FrozenVLModel,
     items: str | os.PathLike | Iterable[dict[str, Any]],
     *,
     tasks: Sequence[str],

@@ -28,7 +28,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -72,7 +72,7 @@ class MCItem:
     gold: int
 
 
-def _arc_schema_ok(schema: "pa.Schema") -> list[str]:
+def _arc_schema_ok(schema: pa.Schema) -> list[str]:
     import pyarrow as pa
 
     problems = _need_strings(schema, ("id", "question", "answerKey"))
@@ -86,22 +86,22 @@ def _arc_schema_ok(schema: "pa.Schema") -> list[str]:
                 sub = t.field(name).type
                 ok = ok and pa.types.is_list(sub) and pa.types.is_string(sub.value_type)
         if not ok:
-            problems.append(f"column 'choices' is {str(t)}, expected struct<text: list<string>, label: list<string>>")
+            problems.append(f"column 'choices' is {t!s}, expected struct<text: list<string>, label: list<string>>")
     return problems
 
 
-def _piqa_schema_ok(schema: "pa.Schema") -> list[str]:
+def _piqa_schema_ok(schema: pa.Schema) -> list[str]:
     import pyarrow as pa
 
     problems = _need_strings(schema, ("goal", "sol1", "sol2"))
     if "label" not in schema.names:
         problems.append("column 'label' is missing")
     elif not pa.types.is_integer(schema.field("label").type):
-        problems.append(f"column 'label' is {str(schema.field('label').type)}, expected an integer")
+        problems.append(f"column 'label' is {schema.field('label').type!s}, expected an integer")
     return problems
 
 
-def _need_strings(schema: "pa.Schema", names: Sequence[str]) -> list[str]:
+def _need_strings(schema: pa.Schema, names: Sequence[str]) -> list[str]:
     import pyarrow as pa
 
     problems = []
@@ -109,7 +109,7 @@ def _need_strings(schema: "pa.Schema", names: Sequence[str]) -> list[str]:
         if name not in schema.names:
             problems.append(f"column {name!r} is missing")
         elif not (pa.types.is_string(schema.field(name).type) or pa.types.is_large_string(schema.field(name).type)):
-            problems.append(f"column {name!r} is {str(schema.field(name).type)}, expected string")
+            problems.append(f"column {name!r} is {schema.field(name).type!s}, expected string")
     return problems
 
 
@@ -145,7 +145,7 @@ class Benchmark:
     name: str
     path: str
     config: str
-    check_schema: Callable[["pa.Schema"], list[str]]
+    check_schema: Callable[[pa.Schema], list[str]]
     to_item: Callable[[dict[str, Any], int, str], MCItem]  # (row, index in the split, where for errors)
     expected: str  # the schema, in words, for error messages
     olmes_primary: str  # the metric OLMES reports first for this task (its config.json)
@@ -175,7 +175,7 @@ def _benchmark_dir(root: str | os.PathLike, bench: Benchmark, split: str) -> str
     raise FileNotFoundError(f"{bench.name} split {split!r} not found: no folder {' or '.join(tried)}")
 
 
-def _read_arrow(path: str) -> "pa.Table":
+def _read_arrow(path: str) -> pa.Table:
     import pyarrow as pa
 
     try:  # Hugging Face `datasets` writes the Arrow streaming format
@@ -291,7 +291,7 @@ def _request_tokens(
 
 
 def score_multiple_choice(
-    model: "FrozenVLModel",
+    model: FrozenVLModel,
     items: Sequence[MCItem],
     *,
     task: str = TEXT_TASK,
@@ -401,7 +401,7 @@ def default_chat_prompts() -> list[str]:
 
 
 def chat_agreement(
-    model: "FrozenVLModel",
+    model: FrozenVLModel,
     tasks: Sequence[str],
     prompts: Sequence[str] | None = None,
     *,
@@ -445,7 +445,7 @@ def chat_agreement(
 
 
 def text_skills_report(
-    model: "FrozenVLModel",
+    model: FrozenVLModel,
     bench_root: str | os.PathLike | None,
     *,
     tasks: Sequence[str] | None = None,

@@ -89,7 +89,7 @@ class Scores:
 
     @classmethod
     def of(cls, rows: Sequence[Sequence[float]], seed_free: bool = False,
-           bounds: tuple[float, float] | None = None) -> "Scores":
+           bounds: tuple[float, float] | None = None) -> Scores:
         return cls(tuple(tuple(float(v) for v in r) for r in rows), seed_free,
                    None if bounds is None else (float(bounds[0]), float(bounds[1])))
 
@@ -97,7 +97,7 @@ class Scores:
     def n_items(self) -> int:
         return len(self.rows[0])
 
-    def minus(self, other: "Scores") -> "Scores":
+    def minus(self, other: Scores) -> Scores:
         """Paired per-item differences ``self - other`` (a seed-free side is the same on every seed)."""
         if other.n_items != self.n_items:
             raise ValueError(f"a paired difference needs the same items: {self.n_items} vs {other.n_items}")

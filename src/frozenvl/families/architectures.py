@@ -70,7 +70,7 @@ def check_architecture(config, family: str, rewrites_block: bool) -> Architectur
 CACHE_NAMES = ("cache", "past_key_values")  # 5.24 renamed past_key_values (removed in 5.40) to cache
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cache_kwarg(fn: Callable) -> str:
     """The keyword under which `fn` (a HF forward or mask function) takes the KV cache.
 
@@ -87,6 +87,6 @@ def cache_kwarg(fn: Callable) -> str:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def takes_parameter(fn: Callable, name: str) -> bool:
     return name in inspect.signature(fn).parameters

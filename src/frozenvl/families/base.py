@@ -18,8 +18,9 @@ Hugging Face decoders listed in `architectures.ARCHITECTURES` (others are refuse
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +30,10 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from ..config import ConfigError, WorkflowConfig
+from ..constants import IMAGE_TOKEN_ID
 from ..vision.connectors import build_connector, takes_pixels
 from .architectures import cache_kwarg, check_architecture, takes_parameter
 from .vocab import embed_with_rows, location_token_names, logits_with_rows, mean_rows
-
-from ..constants import IMAGE_TOKEN_ID
 
 
 def layer_types(config) -> list[str]:
@@ -374,8 +374,8 @@ def self_attention(
     base's), and the one row of scores per head it needs for the channels (`_attended_by_one_query`),
     since a wider value tensor would send sdpa to its slow math kernel and copy the values every step.
     """
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
     if project is None:
         project = lambda name, t: getattr(attn, name)(t)  # noqa: E731  (the frozen projection)

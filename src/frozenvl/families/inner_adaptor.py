@@ -98,5 +98,5 @@ def _reinit(layer: nn.Module, config) -> None:
             nn.init.normal_(m.weight, std=std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif hasattr(m, "weight") and isinstance(getattr(m, "weight"), nn.Parameter) and m.weight.dim() == 1:
+        elif hasattr(m, "weight") and isinstance(m.weight, nn.Parameter) and m.weight.dim() == 1:
             nn.init.ones_(m.weight)  # norms

@@ -146,7 +146,7 @@ class LoRRA(nn.Module):
         kv = _residual_maps(f.reshape(-1, f.shape[-1]), a, b).view(2, *f.shape)
         return self._split(kv[0]), self._split(kv[1])
 
-    def forward(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: "Visibility") -> torch.Tensor:
+    def forward(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: Visibility) -> torch.Tensor:
         """h [B, T, hidden]; k, v [B, heads, S, d]; -> [B, T, hidden] (zero where nothing is visible).
         One learner on its own, as the definition reads; the family runs both learners of a layer at
         once (`WingsFamily.run_layer`), which equals the sum of these within rounding (a test)."""
@@ -193,7 +193,7 @@ class KeyStore:
 
     cols: torch.Tensor  # [B, S] long, the column (cache position) of each key
     valid: torch.Tensor  # [B, S] bool
-    kv: dict[int, "GrowingKV"] = field(default_factory=dict)
+    kv: dict[int, GrowingKV] = field(default_factory=dict)
 
 
 class GrowingKV:
@@ -226,7 +226,7 @@ class Visibility:
     any_key: torch.Tensor  # [B, T, 1] bool, True where the query sees at least one key
 
     @classmethod
-    def of(cls, store: KeyStore, query_cols: torch.Tensor) -> "Visibility":
+    def of(cls, store: KeyStore, query_cols: torch.Tensor) -> Visibility:
         seen = store.valid[:, None, :] & (store.cols[:, None, :] <= query_cols[None, :, None])  # [B, T, S]
         any_key = seen.any(-1, keepdim=True)
         # sdpa gives NaN for a row without any allowed key: let such rows see everything, then zero them.

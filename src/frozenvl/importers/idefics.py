@@ -25,7 +25,6 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
 )
-
 from transformers.initialization import no_init_weights
 
 from ..config import ModelConfig, parse_workflow

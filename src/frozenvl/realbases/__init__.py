@@ -28,15 +28,16 @@ import shutil
 import tempfile
 import uuid
 import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from .fetch import BasesError, Fetcher, FetchError, pip_fetcher, sha256_file
 from .sources import SOURCES, Source
 
-__all__ = ["BasesError", "FetchError", "RealBases", "SOURCES", "Source", "default_cache_dir", "ensure_bases"]
+__all__ = ["SOURCES", "BasesError", "FetchError", "RealBases", "Source", "default_cache_dir", "ensure_bases"]
 
 PROVENANCE = "provenance.json"
 CACHE_ENV = "FROZENVL_CACHE"

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # (extracted wheel members by their path inside the wheel, output directory) -> checks run
 Builder = Callable[[dict[str, Path], Path], dict[str, Any]]

@@ -29,8 +29,14 @@ import torch
 
 from .. import inputs
 from ..data.prompt import left_pad
-from ..generation import (GenerationConfig, IncrementalDetokenizer, _first_stop, _stop_prefix_len, eos_token_ids,
-                          generate_steps)
+from ..generation import (
+    GenerationConfig,
+    IncrementalDetokenizer,
+    _first_stop,
+    _stop_prefix_len,
+    eos_token_ids,
+    generate_steps,
+)
 
 
 class QueueFull(Exception):
@@ -87,7 +93,7 @@ class GenRequest:
     on_event: Callable[[Event], None]
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: threading.Event = field(default_factory=threading.Event)
-    _engine: "Engine | None" = None
+    _engine: Engine | None = None
 
     def cancel(self) -> None:
         """Stop this request (client gone, timeout): out of the queue at once, or its row stops emitting."""
@@ -100,7 +106,7 @@ class GenRequest:
 class _Row:
     """One request's row in a batch: its text, stop strings, eos and max_tokens (mirrors stream_text)."""
 
-    def __init__(self, engine: "Engine", req: GenRequest):
+    def __init__(self, engine: Engine, req: GenRequest):
         self.req, self.eos, self.stops, self.log = req, engine.eos, req.sampling.stop, engine.finished_log
         self.detok = IncrementalDetokenizer(engine.model.tokenizer, skip_special_tokens=True,
                                             lock=engine.model._tokenizer_lock)
@@ -201,7 +207,7 @@ class Engine:
             return {"queued": self._queued, **self.stats}
 
     # ------------------------------------------------------------------ worker
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="frozenvl-engine", daemon=True)
             self._thread.start()

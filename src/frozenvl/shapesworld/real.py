@@ -85,7 +85,7 @@ def fit_stages(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def probe_bases(model: "FrozenVLModel", llm_dir: str, vision_dir: str, spec: Any) -> dict[str, dict[str, float]]:
+def probe_bases(model: FrozenVLModel, llm_dir: str, vision_dir: str, spec: Any) -> dict[str, dict[str, float]]:
     """What the real bases give any workflow, as the tiny track's probes measure it (the report's
     "What the frozen bases know"): linear probes of DINOv2's patch features at the workflows'
     default layer, through their own preprocessing, on `spec.probe_vit_scenes` fresh scenes; and
@@ -118,7 +118,7 @@ def load_benchmarks(root: str, limit: int | None) -> dict[str, list[Any]]:
     return {b: load_benchmark(b, root, "validation", limit=limit) for b in BENCHMARKS}
 
 
-def benchmark_correct(model: "FrozenVLModel", benches: dict[str, list[Any]], task: str, *,
+def benchmark_correct(model: FrozenVLModel, benches: dict[str, list[Any]], task: str, *,
                       deployed: bool, batch_size: int = 16, progress: bool = False) -> dict[str, list[float]]:
     """Per benchmark, per item: 1.0 where workflow `task` ranks the gold choice first by summed
     log-likelihood (own path unless `deployed`), else 0.0."""
@@ -132,7 +132,7 @@ def benchmark_correct(model: "FrozenVLModel", benches: dict[str, list[Any]], tas
     return out
 
 
-def text_skill_predictions(model: "FrozenVLModel", benches: dict[str, list[Any]], task: str,
+def text_skill_predictions(model: FrozenVLModel, benches: dict[str, list[Any]], task: str,
                            base: dict[str, list[float]], *, progress: bool = False) -> dict[str, list[dict[str, Any]]]:
     """Per-item benchmark scores of workflow `task` in the demo's prediction format: one list per
     (benchmark, path), keyed ``"<bench>"`` (as deployed) and ``"<bench>_own"`` (own path).

@@ -18,8 +18,8 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.patches import Rectangle
 
 __all__ = ["write_report"]
 

@@ -243,9 +243,9 @@ def _fact_tasks(rng: random.Random) -> tuple[list[dict], list[dict]]:
     for p in people:
         bio = " ".join(_FACT_STATEMENT[a][1].format(**p) for a in ("city", "pet", "colour"))
         train.append(_item("text", "fact", f"Tell me about {p['name']}.", bio))
-        for attr, (q, a) in _FACT_STATEMENT.items():
+        for q, a in _FACT_STATEMENT.values():
             train.append(_item("text", "fact", q.format(**p), a.format(**p)))
-    for attr, (q, a) in _FACT_QUESTION.items():
+    for q, a in _FACT_QUESTION.values():
         held_names = set(rng.sample(NAMES, FACT_HELDOUT_PER_ATTRIBUTE))
         for p in people:
             item = _item("text", "fact", q.format(**p), a.format(**p))

@@ -158,7 +158,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"a training config is a mapping, got {type(data).__name__}")
         _check_keys(cls, data, "training config")
@@ -169,7 +169,7 @@ class TrainConfig:
         return cls(**data)
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> "TrainConfig":
+    def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
         with open(path, encoding="utf-8") as f:
             try:
                 data = yaml.safe_load(f)

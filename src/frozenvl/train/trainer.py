@@ -17,9 +17,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -123,7 +124,7 @@ class Trainer:
         cfg: TrainConfig,
         model: FrozenVLModel | None = None,
         show_progress: bool = True,
-        callbacks: list[Callable[["Trainer", ckpt.Position], None]] | None = None,
+        callbacks: list[Callable[[Trainer, ckpt.Position], None]] | None = None,
     ):
         self.cfg = cfg
         self.callbacks = list(callbacks or [])  # called after every optimizer step (and its checkpoint)

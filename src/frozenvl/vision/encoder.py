@@ -79,7 +79,7 @@ class VisionTower(nn.Module):
     @classmethod
     def from_pretrained(
         cls, name_or_path: str, dtype: torch.dtype | None = None, attn_implementation: str | None = None
-    ) -> "VisionTower":
+    ) -> VisionTower:
         from .images import ImagePreprocessor
 
         kwargs = {"dtype": dtype} if dtype is not None else {}
@@ -111,7 +111,7 @@ class VisionTower(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def train(self, mode: bool = True) -> "VisionTower":
+    def train(self, mode: bool = True) -> VisionTower:
         # The tower is frozen: it stays in eval mode (no dropout) whatever the parent does.
         return super().train(False)
 

@@ -486,7 +486,7 @@ class ImagePreprocessor:
 
     def fill_color(self) -> tuple[int, int, int]:
         """Padding colour: the normalisation mean in 0..255, so padding becomes ~0."""
-        r, g, b = (int(round(m * 255)) for m in self.image_mean)
+        r, g, b = (round(m * 255) for m in self.image_mean)
         return r, g, b
 
     def _prepare(self, src: ImageInput, name: str | None = None) -> np.ndarray:

@@ -97,7 +97,7 @@ class MixedVisionTower(nn.Module):
     def device(self) -> torch.device:
         return self.towers[0].device
 
-    def train(self, mode: bool = True) -> "MixedVisionTower":
+    def train(self, mode: bool = True) -> MixedVisionTower:
         return super().train(False)  # frozen, always in eval mode
 
     def has_cls(self) -> bool:

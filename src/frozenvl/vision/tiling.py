@@ -330,13 +330,13 @@ class TiledPixels:
     def counts(self) -> list[int]:
         return [layout.num_tiles for layout in self.layouts]
 
-    def to(self, *args, **kwargs) -> "TiledPixels":
+    def to(self, *args, **kwargs) -> TiledPixels:
         return TiledPixels(self.tiles.to(*args, **kwargs), self.layouts)
 
     def per_image(self) -> list[torch.Tensor]:
         return list(self.tiles.split(self.counts))
 
-    def select(self, indices: Sequence[int]) -> "TiledPixels":
+    def select(self, indices: Sequence[int]) -> TiledPixels:
         parts = self.per_image()
         return TiledPixels(torch.cat([parts[i] for i in indices]), tuple(self.layouts[i] for i in indices))
 
@@ -350,8 +350,8 @@ class TiledPixels:
         return out
 
     @staticmethod
-    def cat(parts: Sequence["TiledPixels"]) -> "TiledPixels":
-        return TiledPixels(torch.cat([p.tiles for p in parts]), tuple(l for p in parts for l in p.layouts))
+    def cat(parts: Sequence[TiledPixels]) -> TiledPixels:
+        return TiledPixels(torch.cat([p.tiles for p in parts]), tuple(lay for p in parts for lay in p.layouts))
 
 
 @dataclass
@@ -370,7 +370,7 @@ class TiledMedia:
         return self.tokens.shape[0]
 
     @classmethod
-    def pad(cls, per_image: Sequence[torch.Tensor]) -> "TiledMedia":
+    def pad(cls, per_image: Sequence[torch.Tensor]) -> TiledMedia:
         """Each image's media [L_i, D] -> one padded batch."""
         tokens = torch.nn.utils.rnn.pad_sequence(list(per_image), batch_first=True)
         lengths = torch.tensor([t.shape[0] for t in per_image], dtype=torch.long, device=tokens.device)
