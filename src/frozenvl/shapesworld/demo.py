@@ -494,18 +494,26 @@ def _train_run(cfg: dict[str, Any], bars: bool, stamp: str):
 RUN_STAMP = "demo_run.json"
 
 
+#: frozenvl's source that no training reads (evaluation, serving, importers, the command line, and
+#: the demo's driver and report, whose recipes reach a training through its config, which the stamp
+#: holds): editing it leaves trained runs reusable.
+NOT_TRAINING_CODE = ("cli.py", "eval/", "serve/", "importers/", "shapesworld/demo.py", "shapesworld/real.py",
+                     "shapesworld/report.py")
+
+
 @functools.cache
 def _code_fingerprint() -> str:
-    """SHA-256 over frozenvl's own source files: a run trained by other code is another run."""
+    """SHA-256 over frozenvl's source files that training runs (all but NOT_TRAINING_CODE): a run
+    trained by other code is another run."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     h = hashlib.sha256()
     for folder, dirs, files in sorted(os.walk(root)):
         dirs.sort()
         for name in sorted(files):
-            if name.endswith(".py"):
-                path = os.path.join(folder, name)
-                h.update(os.path.relpath(path, root).encode())
-                with open(path, "rb") as f:
+            rel = os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
+            if name.endswith(".py") and not rel.startswith(NOT_TRAINING_CODE):
+                h.update(rel.encode())
+                with open(os.path.join(folder, name), "rb") as f:
                     h.update(f.read())
     return h.hexdigest()
 
