@@ -63,3 +63,16 @@ def test_benchmark_scores_deployed_and_own_path(bases):
     assert not torch.allclose(torch.tensor(own.logprobs[0]), torch.tensor(res.logprobs[0]))  # really its own path
     assert [p["score"] for p in got["arc_easy_own"]] == [
         float(max(range(len(lp)), key=lp.__getitem__) == g) for lp, g in zip(own.logprobs, own.gold)]
+
+
+def test_sentence_answers_are_right_only_when_they_name_the_answer_alone():
+    from frozenvl.shapesworld.bases import names_only_the_answer
+
+    colours = {"red", "blue", "green"}
+    assert names_only_the_answer("The circle is Red.", "red", colours) == 1.0
+    assert names_only_the_answer("It is red or blue.", "red", colours) == 0.0  # hedging between candidates
+    assert names_only_the_answer("It is blue.", "red", colours) == 0.0
+    assert names_only_the_answer("A reddish one.", "red", colours) == 0.0  # whole words only
+    assert names_only_the_answer("There are three shapes.", "3", {"1", "2", "3", "4"}) == 1.0
+    assert names_only_the_answer("There are 3, not 4.", "3", {"1", "2", "3", "4"}) == 0.0
+    assert names_only_the_answer("The red circle.", "red circle", {"red circle", "blue square"}) == 1.0

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass
 
@@ -207,11 +208,28 @@ def pretrain_llm(llm_dir: str, data_path: str, spec: BaseSpec, progress: bool = 
     return {"steps": spec.llm_steps, "first_loss": losses[0], "final_loss": sum(losses[-20:]) / len(losses[-20:])}
 
 
+_NUMBER_WORDS = {"1": "one", "2": "two", "3": "three", "4": "four"}
+
+
+def names_only_the_answer(text: str, answer: str, candidates: set[str]) -> float:
+    """1.0 when `text` names `answer` (as whole words; a count also as a number word) and no other
+    of the question type's `candidates`, else 0.0: how a sentence answer ("The circle is red.")
+    is scored, where an exact match would score every sentence 0."""
+    def named(a: str) -> bool:
+        forms = [a] + ([_NUMBER_WORDS[a]] if a in _NUMBER_WORDS else [])
+        return any(re.search(rf"\b{re.escape(f)}\b", text.lower()) for f in forms)
+
+    return float(named(answer) and not any(named(c) for c in candidates - {answer}))
+
+
 @torch.no_grad()
-def probe_llm(llm_dir: str, spec: BaseSpec, n_scenes: int = 60, batch: int = 64) -> dict[str, float]:
+def probe_llm(llm_dir: str, spec: BaseSpec, n_scenes: int = 60, batch: int = 64,
+              sentences: bool = False) -> dict[str, float]:
     """The LLM's VQA accuracy per question type, and its grounding Acc@0.5 (``box``: copying the
     box out of the description, in the spec's box format), on fresh scenes *described in words*
-    (greedy answers): the ceiling of any workflow that keeps this LLM frozen."""
+    (greedy answers): the ceiling of any workflow that keeps this LLM frozen. `sentences`: score a
+    VQA answer by :func:`names_only_the_answer` instead of an exact match (a chat model that was not
+    trained on the answer format answers in sentences)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..eval import grounding_scores, vqa_accuracy
@@ -228,6 +246,9 @@ def probe_llm(llm_dir: str, spec: BaseSpec, n_scenes: int = 60, batch: int = 64)
                   for it in sw_tasks.vqa_items(scene, rng)]
         items += [(it["qtype"], SCENE_PROMPT.format(boxed, it["question"]), it["answer"])
                   for it in sw_tasks.grounding_items(scene, spec.box_format)]
+    candidates: dict[str, set[str]] = {}
+    for qtype, _, answer in items:
+        candidates.setdefault(qtype, set()).add(answer)
     scores: dict[str, list[float]] = {}
     for i in range(0, len(items), batch):
         chunk = items[i : i + batch]
@@ -237,8 +258,12 @@ def probe_llm(llm_dir: str, spec: BaseSpec, n_scenes: int = 60, batch: int = 64)
         out = model.generate(**enc, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
         for (qtype, _, answer), ids in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
             text = tok.decode(ids, skip_special_tokens=True)
-            score = (grounding_scores(text, answer, box_format=spec.box_format)[1] if qtype == "box"
-                     else vqa_accuracy(text, answer))
+            if qtype == "box":
+                score = grounding_scores(text, answer, box_format=spec.box_format)[1]
+            elif sentences:
+                score = names_only_the_answer(text, answer, candidates[qtype])
+            else:
+                score = vqa_accuracy(text, answer)
             scores.setdefault(qtype, []).append(score)
     result = {q: sum(v) / len(v) for q, v in sorted(scores.items())}
     vqa = [v for q, vs in scores.items() if q != "box" for v in vs]

@@ -90,15 +90,16 @@ def probe_bases(model: FrozenVLModel, llm_dir: str, vision_dir: str, spec: Any) 
     "What the frozen bases know"): linear probes of DINOv2's patch features at the workflows'
     default layer, through their own preprocessing, on `spec.probe_vit_scenes` fresh scenes; and
     SmolLM2's zero-shot answers on `spec.probe_llm_scenes` scenes described in words. Zero-shot, the
-    chat model answers in sentences of its own, so its figure is a floor of what it can read from
-    words, not the trained ceiling the tiny LLM's probe is."""
+    chat model answers in sentences of its own (scored right when one names the answer and no other
+    candidate), so its figure is a floor of what it can read from words, not the trained ceiling the
+    tiny LLM's probe is."""
     from ..vision.images import ImagePreprocessor
     from .bases import probe_llm
     from .probes import probe_tower
 
     pre = ImagePreprocessor.from_pretrained(vision_dir, vision_config=model.vision.config, mode="pad")
     return {"vit": probe_tower(model.vision, pre, n_scenes=spec.probe_vit_scenes, seed=spec.seed),
-            "llm": probe_llm(llm_dir, spec, spec.probe_llm_scenes)}
+            "llm": probe_llm(llm_dir, spec, spec.probe_llm_scenes, sentences=True)}
 
 
 def chat_items(n: int | None = None) -> list[dict[str, Any]]:

@@ -287,7 +287,8 @@ def _bases_section(results: dict[str, Any]) -> list[str]:
     encoder = "DINOv2's" if real else "the ViT's"
     layer = f" (hidden layer {vit['layer']}, the workflows' default)" if "layer" in vit else ""
     llm_text = ("SmolLM2's zero-shot VQA accuracy on fresh scenes *described in words*, in the chat answers "
-                "it writes untrained: a floor of what it can read from words, not a trained ceiling."
+                "it writes untrained (right when it names the answer and no other candidate answer): a floor "
+                "of what it can read from words, not a trained ceiling."
                 if real else "The base LLM's VQA accuracy on fresh scenes *described in words* (its pretraining "
                 "format): no workflow that keeps this LLM frozen can be expected to beat it.")
     return ["", "## What the frozen bases know (the ceiling)", "",
