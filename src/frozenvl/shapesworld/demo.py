@@ -518,23 +518,17 @@ def _code_fingerprint() -> str:
     return h.hexdigest()
 
 
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _run_stamp(cfg: dict[str, Any], threads: int) -> str:
     """What decides a run's weights: its config, its training file, the bases (their folder names,
     which the tiny track keys by spec, and for the real track their provenance), the code and the
     thread count (it changes float sums)."""
+    from ..realbases.fetch import sha256_file
+
     blob = {"cfg": {k: v for k, v in cfg.items() if k != "output_dir"},
-            "data": _file_digest(cfg["data"]["train"]), "code": _code_fingerprint(), "threads": threads}
+            "data": sha256_file(cfg["data"]["train"]), "code": _code_fingerprint(), "threads": threads}
     provenance = os.path.join(os.path.dirname(cfg["llm"]), "provenance.json")
     if os.path.isfile(provenance):
-        blob["provenance"] = _file_digest(provenance)
+        blob["provenance"] = sha256_file(provenance)
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
