@@ -293,7 +293,7 @@ def _run_demo(out: str, *, quick: bool, seed: int, seeds: int, data_seed: int | 
     say = print if progress else (lambda *a, **k: None)
     t_start = time.time()
     os.makedirs(out, exist_ok=True)
-    timings: dict[str, Any] = {"train_runs": {}}
+    timings: dict[str, Any] = {"train_runs": {}, "eval_runs": {}}
 
     t = time.time()
     say(f"== data (seed {data_seed})", flush=True)
@@ -398,21 +398,17 @@ def _run_demo(out: str, *, quick: bool, seed: int, seeds: int, data_seed: int | 
                 got[kind], metrics = _eval(model, os.path.join(data_dir, f"eval_{kind}.jsonl"), run.name, kind, eval_kw)
                 if "caption_bleu4" in metrics:
                     bleu.setdefault(run.name, []).append(metrics["caption_bleu4"])
-            fallback = model.workflow(run.name).cfg.text_fallback
-            if real_track and fallback:
-                # as deployed, image-free prompts go to the base, so the answers are the base's
-                # (test_text_fallback_is_a_per_call_override checks the routing); the real base's
-                # chat answers are the slow part of the real track's evaluation, not repeated per run
+            if model.workflow(run.name).cfg.text_fallback:
+                # as deployed, image-free prompts go to the base, so the answers are the base's (as for
+                # the benchmarks, real.text_skill_predictions; test_text_fallback_is_a_per_call_override
+                # checks the routing): not generated again per run
                 got["text"] = base_text
-            else:
-                got["text"], _ = _eval(model, text_items, run.name, "text", eval_kw)  # as deployed
-            if fallback:
                 got["text_own"], _ = _eval(model, text_items, run.name, "text", {**eval_kw, "text_fallback": False})
-            else:  # the deployed path is the workflow's own path already
-                got["text_own"] = got["text"]
+            else:  # the deployed path is the workflow's own path
+                got["text"] = got["text_own"] = _eval(model, text_items, run.name, "text", eval_kw)[0]
             if real_track:
                 got.update(real.text_skill_predictions(model, benches, run.name, base_bench, progress=bars))
-            timings.setdefault("eval_runs", {})[f"{run.name}/seed{s}"] = time.time() - t_run
+            timings["eval_runs"][f"{run.name}/seed{s}"] = time.time() - t_run
     timings["eval"] = time.time() - t
 
     majority = majority_baseline(os.path.join(data_dir, "train_mixed.json"), os.path.join(data_dir, "eval_vqa.jsonl"))
