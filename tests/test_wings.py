@@ -239,14 +239,16 @@ def _reference_run_layer(self, idx, h, ctx):
                               extra_values=st.image_keys, after_attention=learners)
 
 
-def test_both_learners_at_once_equal_each_on_its_own(bases, images, monkeypatch):
+@pytest.mark.parametrize("layers", ["all", [1, 3]])
+def test_both_learners_at_once_equal_each_on_its_own(bases, images, monkeypatch, layers):
     """run_layer joins the two learners' maps into batched matmuls and keeps the joined weights between
-    calls: it equals the learners run one by one, with and without images in the row, before and after
-    an in-place weight update (the kept weights follow it), and under autograd."""
+    calls, and without autograd every layer's text keys are computed at once: it equals the learners
+    run one by one, layer by layer, with and without images in the row, before and after an in-place
+    weight update (the kept weights follow it), and under autograd."""
     from frozenvl.families.wings import WingsFamily
 
     llm, vis = bases("qwen2")
-    model = frozenvl.build(llm, vis, workflows={"mm": WINGS})
+    model = frozenvl.build(llm, vis, workflows={"mm": {**WINGS, "layers": layers}})
     perturb(model, "mm", scale=0.1)
     family = model.workflow("mm")
     family.cfg.text_fallback = False
@@ -266,14 +268,22 @@ def test_both_learners_at_once_equal_each_on_its_own(bases, images, monkeypatch)
     torch.testing.assert_close(fused, ref, atol=1e-5, rtol=0)
     with torch.no_grad():  # as an optimizer step would: in place
         family.textual["1"].o.B.weight.add_(0.5)
-        family.visual["0"].q.A.weight.mul_(-1.0)
+        family.textual["3"].k.B.weight.add_(0.5)
+        family.visual["1"].q.A.weight.mul_(-1.0)
     fused2, ref2 = both()
     torch.testing.assert_close(fused2, ref2, atol=1e-5, rtol=0)
     assert (fused2 - fused).abs().max() > 1e-3  # the update reached the kept weights
     out = model(**inputs, task="mm").logits[real]  # autograd: joined afresh, gradients to each part
     torch.testing.assert_close(out.detach(), ref2, atol=1e-5, rtol=0)
     out.square().mean().backward()
-    assert family.visual["0"].q.B.weight.grad.abs().sum() > 0 and family.textual["1"].o.A.weight.grad.abs().sum() > 0
+    assert family.visual["1"].q.B.weight.grad.abs().sum() > 0 and family.textual["1"].o.A.weight.grad.abs().sum() > 0
+    # the text keys of every chosen layer at once, each in its layer's row
+    f = torch.randn(2, 5, model.llm.config.hidden_size)
+    with torch.no_grad():
+        every = family._text_keys_values(f)
+        assert every.shape[0] == len(family.chosen)
+        for pos, idx in enumerate(family.chosen):
+            torch.testing.assert_close(every[pos], family.textual[str(idx)].keys_values(f), atol=1e-6, rtol=0)
 
 
 def test_sdpa_and_eager_give_the_same_outputs(bases, images):
@@ -314,9 +324,11 @@ def sharp_llm(bases, tmp_path_factory):
     return build_llm(tmp_path_factory.mktemp("sharp"), tokenizer_dir=llm_dir, initializer_range=0.2), vis
 
 
-def test_cached_generation_equals_recomputation(sharp_llm, images):
+@pytest.mark.parametrize("layers", ["all", [1, 3]])
+def test_cached_generation_equals_recomputation(sharp_llm, images, layers):
+    """Some layers only: the text keys of every chosen layer, computed at once, land in the right layer."""
     llm, vis = sharp_llm
-    model = frozenvl.build(llm, vis, workflows={"mm": WINGS})
+    model = frozenvl.build(llm, vis, workflows={"mm": {**WINGS, "layers": layers}})
     perturb(model, "mm", scale=0.1)
     model.workflow("mm").cfg.text_fallback = False  # every row through the workflow's own cache
     assert_cache_matches_recompute(model, "mm", images, min_distinct=4)
@@ -340,21 +352,26 @@ def test_the_base_cache_holds_only_the_base_keys_values(bases, images, monkeypat
     assert torch.equal(ours.layers[0].keys, prefix.layers[0].keys)
     assert torch.equal(ours.layers[0].values, prefix.layers[0].values)
     assert not torch.allclose(ours.layers[1].keys, prefix.layers[1].keys, atol=1e-4)  # the learners act
-    # the learners' keys/values live in the family's state on the cache: per layer, from this call
+    # the learners' keys/values live in the family's state on the cache, from this call: the visual
+    # learners' per layer, the textual learners' of every layer in one buffer (computed at once)
     state = base.cache_state(ours)["wings"]
-    assert set(state["text"].kv) == set(state["visual"].kv) == set(range(conf.num_hidden_layers))
+    assert set(state["visual"].kv) == set(range(conf.num_hidden_layers)) and not state["text"].kv
     n_images = (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(1)
-    assert state["visual"].kv[0].get()[0].shape[2] == int(n_images.max())
+    assert state["visual"].kv[0].get().shape == (2, batch, conf.num_attention_heads, int(n_images.max()), head_dim)
+    n_text = int((inputs["attention_mask"].bool() & (inputs["input_ids"] != IMAGE_TOKEN_ID)).sum(1).max())
+    assert state["text"].every_layer.get().shape == (conf.num_hidden_layers, 2, batch, conf.num_attention_heads,
+                                                     n_text, head_dim)
     assert torch.equal(state["image_cols"], inputs["input_ids"] == IMAGE_TOKEN_ID)
 
     # one generate call computes the image tokens' keys/values once per layer and each text token's once
+    # (for every layer at once)
     family = model.workflow("mm")
     sources = {"visual": [], "textual": []}
-    for kind in sources:
-        for learner in getattr(family, kind).values():
-            original = learner.keys_values
-            monkeypatch.setattr(learner, "keys_values",
-                                lambda f, o=original, k=kind: (sources[k].append(f.shape[1]), o(f))[1])
+    for learner in family.visual.values():
+        monkeypatch.setattr(learner, "keys_values",
+                            lambda f, o=learner.keys_values: (sources["visual"].append(f.shape[1]), o(f))[1])
+    monkeypatch.setattr(family, "_text_keys_values",
+                        lambda f, o=family._text_keys_values: (sources["textual"].append(f.shape[1]), o(f))[1])
     family.cfg.text_fallback = False
     new = 5
     model.generate(prompt=PROMPTS, images=[[images[0]], [images[1], images[2]]], task="mm", max_new_tokens=new,
@@ -362,7 +379,7 @@ def test_the_base_cache_holds_only_the_base_keys_values(bases, images, monkeypat
     layers = conf.num_hidden_layers
     text_in_prompt = int((inputs["attention_mask"].bool() & (inputs["input_ids"] != IMAGE_TOKEN_ID)).sum(1).max())
     assert sources["visual"] == [int(n_images.max())] * layers
-    assert sources["textual"] == [text_in_prompt] * layers + [1] * (layers * (new - 1))
+    assert sources["textual"] == [text_in_prompt] + [1] * (new - 1)
 
 
 # --------------------------------------------------------------------------- training

@@ -100,6 +100,12 @@ def _cat_columns(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return torch.cat(parts, dim=1)  # B weights [d, r] each -> [d, n r]
 
 
+def _heads_kv(kv: torch.Tensor, rows: torch.Size, heads: int) -> torch.Tensor:
+    """Keys and values of n learners [2 n, B * S, hidden] (from `_residual_maps`, rows (B, S)) split into
+    heads: [n, 2, B, heads, S, hidden / heads]."""
+    return kv.view(-1, 2, *rows, heads, kv.shape[-1] // heads).transpose(3, 4)
+
+
 def _residual_maps(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """x [N, d] through n maps x + B_i A_i x at once: a [n r, d], b [n, r, d] -> [n, N, d]."""
     n = b.shape[0]
@@ -138,13 +144,13 @@ class LoRRA(nn.Module):
     def _split(self, x: torch.Tensor) -> torch.Tensor:  # [B, n, hidden] -> [B, heads, n, hidden / heads]
         return x.view(*x.shape[:2], self.heads, -1).transpose(1, 2)
 
-    def keys_values(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sources f [B, n, hidden] -> keys, values [B, heads, n, hidden / heads] (K and V maps as one)."""
+    def keys_values(self, f: torch.Tensor) -> torch.Tensor:
+        """Sources f [B, n, hidden] -> keys and values stacked [2, B, heads, n, hidden / heads] (K and V
+        maps as one)."""
         f = _as(f, self.k.A.weight.dtype)
         a = _joined(self, "kv.A", (self.k.A.weight, self.v.A.weight), _stack_a)
         b = _joined(self, "kv.B", (self.k.B.weight, self.v.B.weight), _stack_b)
-        kv = _residual_maps(f.reshape(-1, f.shape[-1]), a, b).view(2, *f.shape)
-        return self._split(kv[0]), self._split(kv[1])
+        return _heads_kv(_residual_maps(f.reshape(-1, f.shape[-1]), a, b), f.shape[:2], self.heads)[0]
 
     def forward(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: Visibility) -> torch.Tensor:
         """h [B, T, hidden]; k, v [B, heads, S, d]; -> [B, T, hidden] (zero where nothing is visible).
@@ -189,33 +195,34 @@ class Router(nn.Module):
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class KeyStore:
-    """One learner kind's keys: their sequence columns, which are real, and per layer their K/V."""
+    """One learner kind's keys: their sequence columns, which are real, and their keys and values:
+    per layer, or (text keys computed without autograd) every chosen layer's in one buffer."""
 
     cols: torch.Tensor  # [B, S] long, the column (cache position) of each key
     valid: torch.Tensor  # [B, S] bool
-    kv: dict[int, GrowingKV] = field(default_factory=dict)
+    kv: dict[int, GrowingKV] = field(default_factory=dict)  # layer -> [2, B, heads, S, d]
+    every_layer: GrowingKV | None = None  # [layers, 2, B, heads, S, d], the chosen layers in order
 
 
 class GrowingKV:
-    """Keys and values [B, heads, n, d] appended along n into buffers that double when full: a decode
-    step copies only its own keys (torch.cat would copy every earlier key at every step)."""
+    """Stacked keys and values [..., n, d] appended along n into a buffer that doubles when full: a
+    decode step copies only its own keys (torch.cat would copy every earlier key at every step)."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        self._k, self._v, self.length = k, v, k.shape[2]
+    def __init__(self, kv: torch.Tensor):
+        self._buf, self.length = kv, kv.shape[-2]
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        end = self.length + k.shape[2]
-        if end > self._k.shape[2]:
-            capacity = max(end, 2 * self._k.shape[2])
-            self._k, self._v = (torch.cat([b[:, :, : self.length], b.new_empty(*b.shape[:2], capacity - self.length,
-                                                                             b.shape[3])], 2)
-                                for b in (self._k, self._v))
-        self._k[:, :, self.length : end] = k
-        self._v[:, :, self.length : end] = v
+    def append(self, kv: torch.Tensor) -> None:
+        end = self.length + kv.shape[-2]
+        if end > self._buf.shape[-2]:
+            buf = self._buf
+            grown = buf.new_empty(*buf.shape[:-2], max(end, 2 * buf.shape[-2]), buf.shape[-1])
+            grown[..., : self.length, :] = buf[..., : self.length, :]
+            self._buf = grown
+        self._buf[..., self.length : end, :] = kv
         self.length = end
 
-    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._k[:, :, : self.length], self._v[:, :, : self.length]
+    def get(self) -> torch.Tensor:
+        return self._buf[..., : self.length, :]
 
 
 @dataclass
@@ -238,6 +245,7 @@ class CallState:
     """What every chosen layer of one forward pass needs."""
 
     text_new: torch.Tensor  # [B, n, hidden] this call's text sources
+    text_kv: torch.Tensor | None  # [layers, 2, B, heads, S, d] every layer's text keys (None: per layer)
     visual_new: torch.Tensor | None  # [B, m, hidden] this call's image tokens (None: the call has none)
     text: KeyStore
     visual: KeyStore | None  # None: the sequence has no image at all (the visual learner is skipped)
@@ -262,7 +270,7 @@ def _select(h: torch.Tensor, chosen: torch.Tensor, first_col: int) -> tuple[torc
 def _extend(store: KeyStore | None, cols: torch.Tensor, valid: torch.Tensor) -> KeyStore:
     if store is None:
         return KeyStore(cols, valid)
-    return KeyStore(torch.cat([store.cols, cols], 1), torch.cat([store.valid, valid], 1), store.kv)
+    return KeyStore(torch.cat([store.cols, cols], 1), torch.cat([store.valid, valid], 1), store.kv, store.every_layer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,6 +293,7 @@ class WingsFamily(Family):
         self.visual = nn.ModuleDict({str(i): LoRRA(hidden, heads, cfg.rank, dtype) for i in self.chosen})
         self.textual = nn.ModuleDict({str(i): LoRRA(hidden, heads, cfg.rank, dtype) for i in self.chosen})
         self.router = nn.ModuleDict({str(i): Router(heads, cfg.router_hidden, dtype) for i in self.chosen})
+        self._position = {idx: pos for pos, idx in enumerate(self.chosen)}  # layer -> its row in text_kv
 
     def parts(self) -> dict[str, list[nn.Parameter]]:
         parts = super().parts()
@@ -322,7 +331,19 @@ class WingsFamily(Family):
             text_new, cols, valid = _select(h, real & ~is_image, past)
         else:
             text_new, cols, valid = h, query_cols.expand(bsz, -1), real & ~is_image
-        text = _extend(store.get("text"), cols, valid)
+        earlier = store.get("text")
+        text = _extend(earlier, cols, valid)
+        # Every layer's text keys at once (one pair of matmuls, one append) where nothing needs their
+        # gradient; with autograd per layer, so that gradient checkpointing recomputes them per layer.
+        # A cache keeps the road its first call took.
+        at_once = earlier.every_layer is not None if earlier is not None else not torch.is_grad_enabled()
+        text_kv = self._text_keys_values(text_new) if at_once else None
+        if at_once and ctx.cache is not None:
+            if text.every_layer is None:
+                text.every_layer = GrowingKV(text_kv)
+            else:
+                text.every_layer.append(text_kv)
+            text_kv = text.every_layer.get()
 
         visual, visual_new = store.get("visual"), None
         if call_has_images:
@@ -337,6 +358,7 @@ class WingsFamily(Family):
         sees_image = visual_visible.any_key if visual_visible is not None else torch.zeros_like(text_visible.any_key)
         return CallState(
             text_new=text_new,
+            text_kv=text_kv,
             visual_new=visual_new,
             text=text,
             visual=visual,
@@ -362,7 +384,10 @@ class WingsFamily(Family):
             q = _residual_maps(x, _joined(self, f"{key}.q.A", (visual.q.A.weight, textual.q.A.weight), _stack_a),
                                _joined(self, f"{key}.q.B", (visual.q.B.weight, textual.q.B.weight), _stack_b))
             q = q.view(2, *h1.shape[:2], router.heads, -1).transpose(2, 3)  # [2, B, heads, T, d]
-            k, v = self._keys_values(idx, textual, st.text, st.text_new, st.cached)
+            if st.text_kv is not None:
+                k, v = st.text_kv[self._position[idx]]
+            else:
+                k, v = self._keys_values(idx, textual, st.text, st.text_new, st.cached)
             outs = [F.scaled_dot_product_attention(q[1], k, v, attn_mask=st.text_visible.mask)]
             if st.visual is not None:
                 k, v = self._keys_values(idx, visual, st.visual, st.visual_new, st.cached)
@@ -380,19 +405,30 @@ class WingsFamily(Family):
         return decoder_block(self.lm.layers[idx], h, ctx, self.lm.layer_types[idx],
                              extra_values=st.image_keys, after_attention=learners)
 
+    def _text_keys_values(self, f: torch.Tensor) -> torch.Tensor:
+        """Text sources f [B, n, hidden] -> every chosen layer's textual keys and values, in one stacked
+        A matmul and one batched B matmul (the sources are the same at every layer):
+        [layers, 2, B, heads, n, d]. Equal to each layer's `LoRRA.keys_values` within rounding."""
+        learners = [self.textual[str(i)] for i in self.chosen]
+        f = _as(f, learners[0].k.A.weight.dtype)
+        a = _joined(self, "text.kv.A", tuple(w for m in learners for w in (m.k.A.weight, m.v.A.weight)), _stack_a)
+        b = _joined(self, "text.kv.B", tuple(w for m in learners for w in (m.k.B.weight, m.v.B.weight)), _stack_b)
+        return _heads_kv(_residual_maps(f.reshape(-1, f.shape[-1]), a, b), f.shape[:2], learners[0].heads)
+
     @staticmethod
     def _keys_values(idx: int, learner: LoRRA, store: KeyStore, new: torch.Tensor | None,
-                     cached: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer idx's keys/values of all of the store's keys: the earlier calls' from the cache state,
-        this call's computed now (once) and, with a cache, kept there for the calls that follow."""
+                     cached: bool) -> torch.Tensor:
+        """Layer idx's keys and values [2, B, heads, S, d] of all of the store's keys: the earlier calls'
+        from the cache state, this call's computed now (once) and, with a cache, kept there for the calls
+        that follow."""
         past = store.kv.get(idx)
         if new is None:
             return past.get()
-        k, v = learner.keys_values(new)
+        kv = learner.keys_values(new)
         if not cached:
-            return k, v
+            return kv
         if past is None:
-            store.kv[idx] = GrowingKV(k, v)
-            return k, v
-        past.append(k, v)  # generation only (no autograd through the cache): written in place
+            store.kv[idx] = GrowingKV(kv)
+            return kv
+        past.append(kv)  # generation only (no autograd through the cache): written in place
         return past.get()
