@@ -403,7 +403,7 @@ def self_attention(
         dropout=0.0 if not attn.training else attn.attention_dropout, scaling=attn.scaling, **kwargs,
     )
     if one_query:
-        attended = _attended_by_one_query(q, k, extra_values, ctx.masks[attn_type], attn.scaling)
+        attended = _attended_by_one_query(q, k, extra_values, ctx.masks[attn_type], attn.scaling, ctx.state)
         return out.reshape(*input_shape, -1).contiguous(), q, attended
     if extra_values is None:
         return out.reshape(*input_shape, -1).contiguous(), q
@@ -412,21 +412,31 @@ def self_attention(
 
 
 def _attended_by_one_query(
-    q: torch.Tensor, k: torch.Tensor, extra: torch.Tensor, mask: torch.Tensor | None, scaling: float
+    q: torch.Tensor, k: torch.Tensor, extra: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+    shared: dict[Any, Any] | None = None,
 ) -> torch.Tensor:
     """`extra` [B, >= S, c] attended by queries q [B, heads, T, d] over keys k [B, kv, S, d] (T small: a
     decode step), with the mask the eager / sdpa kernel got (bool: True = attend, or additive; None:
-    every key): [B, T, heads, c]. Materialises T x S scores per head, which for one query is one row."""
+    every key): [B, T, heads, c]. Materialises T x S scores per head, which for one query is one row.
+    What does not depend on the layer (the mask as an additive one, the channels) is made once per
+    forward pass and kept in `shared` (the call's family state): a decode step is many tiny ops per layer."""
     bsz, heads, t, d = q.shape
     kv, keys = k.shape[1], k.shape[2]
+    memo_key = ("one_query", id(mask), id(extra), t, keys)
+    prepared = shared.get(memo_key) if shared is not None else None
+    if prepared is None:
+        add = None
+        if mask is not None:
+            mask = mask[:, :, -t:, :keys]  # as the kernels slice it (a longer mask than the cache's keys)
+            add = (torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+                   .masked_fill_(~mask, torch.finfo(torch.float32).min) if mask.dtype == torch.bool else mask.float())
+        prepared = (add, extra[:, -keys:].float().unsqueeze(1))  # channels [B, 1, S, c]
+        if shared is not None:  # (the call's masks and extra values outlive it: their ids stay theirs)
+            shared[memo_key] = prepared
+    add, channels = prepared
     scores = torch.matmul(q.reshape(bsz, kv, heads // kv * t, d), k.transpose(-1, -2)).view(bsz, heads, t, keys)
-    scores = scores.float() * scaling
-    if mask is not None:
-        mask = mask[:, :, -t:, :keys]  # as the kernels slice it (a longer mask than the cache's keys)
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
-    probs = torch.softmax(scores, dim=-1)
-    channels = extra[:, -keys:].to(probs.dtype).unsqueeze(1)  # [B, 1, S, c]
-    return torch.matmul(probs, channels).to(q.dtype).transpose(1, 2)
+    scores = scores.float() * scaling if add is None else torch.add(add, scores.float(), alpha=scaling)
+    return torch.matmul(torch.softmax(scores, dim=-1), channels).to(q.dtype).transpose(1, 2)
 
 
 def _with_value_channels(
