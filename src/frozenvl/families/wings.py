@@ -25,9 +25,10 @@ Speed: a layer's two learners run as one (joined low-rank maps, see `_joined`), 
 reads the image mass off its one row of scores instead of a wider value tensor
 (`base.self_attention`); benchmarks/bench_wings.py measures both against prefix.
 
-KV cache: the base cache holds only the base's keys and values. The learners' keys/values per layer
-(the images' once per generate call, each text token's once), which columns were image positions and
-which keys each learner has are kept in the family's own state on the cache object (`cache_state`).
+KV cache: the base cache holds only the base's keys and values. The learners' keys/values (the
+images' once per generate call and layer; each text token's once, for every chosen layer at once since
+their sources are the same input embeddings), which columns were image positions and which keys each
+learner has are kept in the family's own state on the cache object (`cache_state`).
 
 Training (examples/train_wings.yaml): stage 1 ``[connector, visual]``, stage 2 ``[visual, textual,
 router]``, the base frozen; ``llm_train: full`` (add ``llm`` to stage 2) is the paper's stage 2 on
