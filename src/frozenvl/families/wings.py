@@ -107,6 +107,16 @@ def _heads_kv(kv: torch.Tensor, rows: torch.Size, heads: int) -> torch.Tensor:
     return kv.view(-1, 2, *rows, heads, kv.shape[-1] // heads).transpose(3, 4)
 
 
+def _keys_values_of(owner: nn.Module, name: str, learners: list[LoRRA], f: torch.Tensor) -> torch.Tensor:
+    """Sources f [B, S, hidden] through the K and V maps of n learners at once (their A matrices in one
+    matmul, their B matrices in one batched matmul; joined weights kept on `owner` under `name`):
+    [n, 2, B, heads, S, hidden / heads]."""
+    f = _as(f, learners[0].k.A.weight.dtype)
+    a = _joined(owner, f"{name}.A", tuple(w for m in learners for w in (m.k.A.weight, m.v.A.weight)), _stack_a)
+    b = _joined(owner, f"{name}.B", tuple(w for m in learners for w in (m.k.B.weight, m.v.B.weight)), _stack_b)
+    return _heads_kv(_residual_maps(f.reshape(-1, f.shape[-1]), a, b), f.shape[:2], learners[0].heads)
+
+
 def _residual_maps(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """x [N, d] through n maps x + B_i A_i x at once: a [n r, d], b [n, r, d] -> [n, N, d]."""
     n = b.shape[0]
@@ -148,10 +158,7 @@ class LoRRA(nn.Module):
     def keys_values(self, f: torch.Tensor) -> torch.Tensor:
         """Sources f [B, n, hidden] -> keys and values stacked [2, B, heads, n, hidden / heads] (K and V
         maps as one)."""
-        f = _as(f, self.k.A.weight.dtype)
-        a = _joined(self, "kv.A", (self.k.A.weight, self.v.A.weight), _stack_a)
-        b = _joined(self, "kv.B", (self.k.B.weight, self.v.B.weight), _stack_b)
-        return _heads_kv(_residual_maps(f.reshape(-1, f.shape[-1]), a, b), f.shape[:2], self.heads)[0]
+        return _keys_values_of(self, "kv", [self], f)[0]
 
     def forward(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: Visibility) -> torch.Tensor:
         """h [B, T, hidden]; k, v [B, heads, S, d]; -> [B, T, hidden] (zero where nothing is visible).
@@ -224,6 +231,15 @@ class GrowingKV:
 
     def get(self) -> torch.Tensor:
         return self._buf[..., : self.length, :]
+
+
+def _kept(buffer: GrowingKV | None, kv: torch.Tensor) -> GrowingKV:
+    """`kv` appended to `buffer` (generation only: no autograd through a cache, written in place), or
+    the first call's buffer."""
+    if buffer is None:
+        return GrowingKV(kv)
+    buffer.append(kv)
+    return buffer
 
 
 @dataclass
@@ -340,10 +356,7 @@ class WingsFamily(Family):
         at_once = earlier.every_layer is not None if earlier is not None else not torch.is_grad_enabled()
         text_kv = self._text_keys_values(text_new) if at_once else None
         if at_once and ctx.cache is not None:
-            if text.every_layer is None:
-                text.every_layer = GrowingKV(text_kv)
-            else:
-                text.every_layer.append(text_kv)
+            text.every_layer = _kept(text.every_layer, text_kv)
             text_kv = text.every_layer.get()
 
         visual, visual_new = store.get("visual"), None
@@ -410,11 +423,7 @@ class WingsFamily(Family):
         """Text sources f [B, n, hidden] -> every chosen layer's textual keys and values, in one stacked
         A matmul and one batched B matmul (the sources are the same at every layer):
         [layers, 2, B, heads, n, d]. Equal to each layer's `LoRRA.keys_values` within rounding."""
-        learners = [self.textual[str(i)] for i in self.chosen]
-        f = _as(f, learners[0].k.A.weight.dtype)
-        a = _joined(self, "text.kv.A", tuple(w for m in learners for w in (m.k.A.weight, m.v.A.weight)), _stack_a)
-        b = _joined(self, "text.kv.B", tuple(w for m in learners for w in (m.k.B.weight, m.v.B.weight)), _stack_b)
-        return _heads_kv(_residual_maps(f.reshape(-1, f.shape[-1]), a, b), f.shape[:2], learners[0].heads)
+        return _keys_values_of(self, "text.kv", [self.textual[str(i)] for i in self.chosen], f)
 
     @staticmethod
     def _keys_values(idx: int, learner: LoRRA, store: KeyStore, new: torch.Tensor | None,
@@ -428,8 +437,5 @@ class WingsFamily(Family):
         kv = learner.keys_values(new)
         if not cached:
             return kv
-        if past is None:
-            store.kv[idx] = GrowingKV(kv)
-            return kv
-        past.append(kv)  # generation only (no autograd through the cache): written in place
-        return past.get()
+        store.kv[idx] = _kept(past, kv)
+        return store.kv[idx].get()
