@@ -203,13 +203,23 @@ def test_two_processes_match_one(bases, data, tmp_path):
     cfg_path = tmp_path / "two.yaml"
     cfg_path.write_text(yaml.safe_dump(two))
     script = tmp_path / "run2.py"
-    script.write_text(f"from frozenvl.train import train\ntrain({str(cfg_path)!r}, show_progress=False)\n")
+    # Registered before train(), so it runs after frozenvl's own exit hook (atexit is last in, first
+    # out): the process group must be gone before interpreter finalization, where gloo's threads can
+    # abort a finished run (SIGABRT, "terminate called without an active exception").
+    script.write_text(textwrap.dedent(f"""
+        import atexit, os, pathlib, torch
+        from frozenvl.train import train
+        report = pathlib.Path({str(tmp_path)!r}) / ("alive-at-exit-" + os.environ["RANK"])
+        atexit.register(lambda: report.write_text(str(torch.distributed.is_initialized())))
+        train({str(cfg_path)!r}, show_progress=False)
+    """))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(script)],
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [(tmp_path / f"alive-at-exit-{r}").read_text() for r in (0, 1)] == ["False", "False"]
     a, b = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)

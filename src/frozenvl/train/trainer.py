@@ -11,6 +11,7 @@ Design points:
 
 from __future__ import annotations
 
+import atexit
 import fnmatch
 import hashlib
 import json
@@ -485,6 +486,8 @@ class Trainer:
             with open(os.path.join(cfg.output_dir, "train_summary.json"), "w") as f:
                 json.dump(result.__dict__, f, indent=1)
         acc.wait_for_everyone()
+        if acc.num_processes > 1:
+            _destroy_process_group_at_exit()
         if not result.base_unchanged:
             raise RuntimeError(
                 "the frozen base weights changed between loading the base and the end of training (while the "
@@ -542,6 +545,24 @@ def train(config: TrainConfig | dict | str, resume: bool = False, model: FrozenV
     elif isinstance(config, dict):
         config = TrainConfig.from_dict(config)
     return Trainer(config, model=model, show_progress=show_progress, callbacks=callbacks).train(resume=resume)
+
+
+_exit_hook_registered = False
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Tear the process group down before the interpreter does.
+
+    Left to interpreter finalization, gloo's worker threads can still hold finished collectives'
+    tensors; freeing them then aborts the process ("terminate called without an active exception",
+    SIGABRT) after a successful run. Called only once every process reached the end of training,
+    so no peer is left waiting in a collective; the group stays usable until exit (a second
+    ``train`` call in the same process reuses it).
+    """
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        _exit_hook_registered = True
+        atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
