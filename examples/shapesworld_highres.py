@@ -38,11 +38,11 @@ from frozenvl.shapesworld.writer import generate
 VIEW = 64  # the tiny ViT's input side
 
 
-def workflows(side: int, connector: str) -> dict[str, dict]:
-    per_side = side // VIEW
+def workflows(side: int, connector: str, max_tiles: int | None = None) -> dict[str, dict]:
+    """The two runs' workflows; `max_tiles` defaults to the grid that shows the scene at the ViT's scale."""
     common = {"family": "prefix", "select_layer": VISION_LAYER, "connector": connector}
     return {"single": dict(common),
-            "tiled": {**common, "tiling": "dynamic", "max_tiles": per_side * per_side}}
+            "tiled": {**common, "tiling": "dynamic", "max_tiles": max_tiles or (side // VIEW) ** 2}}
 
 
 def train_one(cfg: dict) -> None:
@@ -61,6 +61,9 @@ def main() -> None:
     ap.add_argument("--connector", default="pixel_shuffle:factor=2",
                     help="both runs' connector (default pixel_shuffle:factor=2: 16 tokens per view; the demo's "
                          "mlp2x_gelu gives 64, which only fits the tiny LLM's 512 positions up to --side 128)")
+    ap.add_argument("--max-tiles", type=int, default=None,
+                    help="the tiled run's max_tiles (default (side / 64)^2: tiles at the ViT's own scale)")
+    ap.add_argument("--runs", default="single,tiled", help="which of single,tiled to run (default both)")
     ap.add_argument("--train-images", type=int, default=FULL.n_train_images)
     ap.add_argument("--eval-images", type=int, default=FULL.n_eval_images)
     ap.add_argument("--seed", type=int, default=0, help="first training seed (the scenes' seed too)")
@@ -85,9 +88,9 @@ def main() -> None:
         return {"name": name, "train": ["connector"], "lr": lr, "steps": steps, "batch_size": FULL.batch_size,
                 "warmup_ratio": 0.05, "schedule": "cosine"}
 
-    wfs = workflows(args.side, args.connector)
+    wfs = {k: v for k, v in workflows(args.side, args.connector, args.max_tiles).items() if k in args.runs.split(",")}
     seeds = list(range(args.seed, args.seed + args.seeds))
-    tag = f"{args.side}-{args.connector.split(':')[0]}"
+    tag = f"{args.side}-{args.connector.split(':')[0]}" + (f"-max{args.max_tiles}" if args.max_tiles else "")
     run_dir = {(name, sd): os.path.join(out, f"run-{tag}-{name}-seed{sd}") for name in wfs for sd in seeds}
     jobs = []
     for (name, sd), folder in run_dir.items():
@@ -136,8 +139,9 @@ def main() -> None:
     print("| majority / median box | - | " + " | ".join(cell(base[c]) for c in cols) + " |")
     for name in wfs:
         print(f"| {name} | {tokens[name]} | " + " | ".join(cell(scores[name][c]) for c in cols) + " |")
-    print("| tiled - single (paired) | - | " + " | ".join(cell(scores["tiled"][c].minus(scores["single"][c]))
-                                                      for c in cols) + " |")
+    if len(wfs) == 2:
+        print("| tiled - single (paired) | - | " + " | ".join(cell(scores["tiled"][c].minus(scores["single"][c]))
+                                                          for c in cols) + " |")
     with open(os.path.join(out, f"results-{tag}.json"), "w") as f:
         json.dump({"side": args.side, "seeds": seeds, "train_seconds": t_train, "tokens_per_image": tokens,
                    "estimates": {name: {k: estimate(v).to_dict() for k, v in m.items()} for name, m in scores.items()},
