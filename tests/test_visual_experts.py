@@ -243,13 +243,17 @@ def test_gather_scatter_equals_the_dense_formula(bases, images):
     dense, _ = _logits(model, "mm", MIXED_PROMPTS, _mixed_images(images))
     torch.testing.assert_close(gathered, dense, atol=1e-6, rtol=0)
     # the function itself, on random tokens, against h = FFN_t(x)(1 - m) + FFN_v(x) m
-    x = torch.randn(3, 7, 64)
-    m = torch.rand(3, 7) < 0.4
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 64, generator=g)
+    m = torch.rand(3, 7, generator=g) < 0.4
     r = ve.Routing(m, m.reshape(-1).nonzero().squeeze(1), (~m).reshape(-1).nonzero().squeeze(1))
     t, v = model.llm.model.layers[0].mlp, fam.ffn_experts["0"]
     with torch.no_grad():
         mf = m.unsqueeze(-1).float()
-        torch.testing.assert_close(ve.route(r, t, v, x), t(x) * (1 - mf) + v(x) * mf, atol=1e-6, rtol=0)
+        # 1e-5: the gathered rows go through matmuls of other shapes than all 21 rows at once, which
+        # round differently in fp32 (up to 3e-6 measured on outputs of about 1); a token sent to the
+        # wrong expert is off by more than 1e-3 (the last line)
+        torch.testing.assert_close(ve.route(r, t, v, x), t(x) * (1 - mf) + v(x) * mf, atol=1e-5, rtol=0)
         assert not torch.allclose(t(x), v(x), atol=1e-3)  # the experts differ: the routing matters
 
 
