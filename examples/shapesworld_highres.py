@@ -132,20 +132,26 @@ def main() -> None:
         e = estimate(sc)
         return f"{100 * e.mean:.1f}%" + (f" [{100 * e.low:.1f}, {100 * e.high:.1f}]" if e.low is not None else "")
 
-    print(f"\n{args.side}x{args.side} scenes, connector {args.connector}, {args.train_images} training / {args.eval_images} eval images, "
-          f"seeds {seeds}; training {t_train:.0f} s (95% intervals as in frozenvl.eval.verdicts)")
-    print("| run | tokens/image | " + " | ".join(c.replace("vqa_acc/", "") for c in cols) + " |")
-    print("|---|---:|" + "---:|" * len(cols))
-    print("| majority / median box | - | " + " | ".join(cell(base[c]) for c in cols) + " |")
-    for name in wfs:
-        print(f"| {name} | {tokens[name]} | " + " | ".join(cell(scores[name][c]) for c in cols) + " |")
+    table = [f"{args.side}x{args.side} scenes, connector `{args.connector}`, {args.train_images} training / "
+             f"{args.eval_images} eval images, seeds {seeds}; training {t_train:.0f} s", "",
+             "| run | tokens/image | " + " | ".join(c.replace("vqa_acc/", "") for c in cols) + " |",
+             "|---|---:|" + "---:|" * len(cols),
+             "| majority / median box | - | " + " | ".join(cell(base[c]) for c in cols) + " |"]
+    table += [f"| {name} ({_layout(wfs[name])}) | {tokens[name]} | " + " | ".join(cell(scores[name][c]) for c in cols)
+              + " |" for name in wfs]
     if len(wfs) == 2:
-        print("| tiled - single (paired) | - | " + " | ".join(cell(scores["tiled"][c].minus(scores["single"][c]))
-                                                          for c in cols) + " |")
+        table.append("| tiled - single (paired) | - | " + " | ".join(
+            cell(scores["tiled"][c].minus(scores["single"][c])) for c in cols) + " |")
+    print("\n" + "\n".join(table) + "\n\n(95% intervals as in frozenvl.eval.verdicts)")
+    # the demo's report.md shows every table found here (`frozenvl demo --out DEMO_OUT` again writes it)
     with open(os.path.join(out, f"results-{tag}.json"), "w") as f:
         json.dump({"side": args.side, "seeds": seeds, "train_seconds": t_train, "tokens_per_image": tokens,
                    "estimates": {name: {k: estimate(v).to_dict() for k, v in m.items()} for name, m in scores.items()},
-                   "baselines": {k: estimate(v).to_dict() for k, v in base.items()}}, f, indent=1)
+                   "baselines": {k: estimate(v).to_dict() for k, v in base.items()}, "table": table}, f, indent=1)
+
+
+def _layout(wf: dict) -> str:
+    return f"tiles, at most {wf['max_tiles']}, + thumbnail" if wf.get("tiling") else "one view"
 
 
 def _first_eval_image(data_dir: str):

@@ -240,3 +240,17 @@ def test_scene_texts_box_only_grounding_descriptions():
     for r in records:
         has_box = bool(box_format("bins32").parse(r["conversations"][0]["value"]))
         assert has_box == (r["task"] == "scene-grounding"), r
+
+
+def test_report_shows_the_highres_tables_and_survives_a_broken_one(tmp_path):
+    from frozenvl.shapesworld.report import highres_section
+
+    assert highres_section(str(tmp_path)) == []  # no high-resolution runs: no section
+    (tmp_path / "highres").mkdir()
+    table = ["192x192 scenes, connector `mlp2x_gelu`", "", "| run | VQA |", "|---|---:|", "| tiled | 42.2% |"]
+    (tmp_path / "highres" / "results-192-mlp2x_gelu.json").write_text(json.dumps({"table": table}))
+    (tmp_path / "highres" / "results-128-mlp2x_gelu.json").write_text("{not json")
+    lines = highres_section(str(tmp_path))
+    assert lines[1] == "## High resolution: one view vs dynamic tiling"
+    assert lines[-len(table):] == table
+    assert any("results-128-mlp2x_gelu.json could not be read" in line for line in lines)

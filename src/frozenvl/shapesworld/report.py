@@ -11,6 +11,7 @@ directories, so a `--bases real` run reports through the same code.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from typing import Any
@@ -320,6 +321,25 @@ def _families_section(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def highres_section(out: str) -> list[str]:
+    """The tables of `examples/shapesworld_highres.py` found in ``<out>/highres`` (one per scene size and
+    connector it was run with): one downscaled view against dynamic tiling on larger scenes."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(out, "highres", "results-*.json"))):
+        try:
+            with open(path) as f:
+                table = json.load(f)["table"]
+        except (OSError, ValueError, KeyError, TypeError) as e:  # a broken file must not cost the report
+            table = [f"({os.path.basename(path)} could not be read: {e})"]
+        found += ["", *table]
+    if not found:
+        return []
+    return ["", "## High resolution: one view vs dynamic tiling", "",
+            "Small shapes on larger scenes, the frozen `prefix` recipe with the whole scene as one view of the ViT "
+            "and with InternVL's dynamic tiling (`examples/shapesworld_highres.py`; docs/vision.md). Each table "
+            "has its own seeds and scene set; 95% intervals as above.", *found]
+
+
 def write_report(out: str, results: dict[str, Any], preds: dict[str, dict[str, list[dict[str, Any]]]],
                  timings: dict[str, Any] | None = None) -> list[str]:
     """Write report.md and the figures into `out`; returns the figure file names written."""
@@ -366,7 +386,7 @@ def write_report(out: str, results: dict[str, Any], preds: dict[str, dict[str, l
         if "vqa_acc" in row["metrics"]:
             lines.append(f"| {name} | " + " | ".join(_fmt("vqa", row["metrics"].get(f"vqa_acc/{q}")) for q in qtypes)
                          + f" | {_fmt('vqa', row['metrics']['vqa_acc'])} |")
-    lines += _bases_section(results) + _families_section(results)
+    lines += _bases_section(results) + _families_section(results) + highres_section(out)
     lines += ["", "The majority baseline answers every question of a type with that type's most common training "
               "answer; \"learned\" means an interval above the baseline's interval. The median box answers every "
               "grounding question with the coordinate-wise median of the training boxes.", "",
