@@ -26,7 +26,6 @@ import argparse
 import glob
 import json
 import os
-import time
 
 import frozenvl
 from frozenvl.eval import evaluate
@@ -45,12 +44,44 @@ def workflows(side: int, connector: str, max_tiles: int | None = None) -> dict[s
             "tiled": {**common, "tiling": "dynamic", "max_tiles": max_tiles or (side // VIEW) ** 2}}
 
 
-def train_one(cfg: dict) -> None:
-    """One training (a job: module level, so a spawned worker can import it)."""
+def run_config(llm_dir: str, vision_dir: str, data_dir: str, folder: str, name: str, workflow: dict,
+               seed: int) -> dict:
+    """The demo's frozen-prefix training (align the connector, then tune it) for one run."""
+    def stage(stage_name: str, lr: float, steps: int) -> dict:
+        return {"name": stage_name, "train": ["connector"], "lr": lr, "steps": steps, "batch_size": FULL.batch_size,
+                "warmup_ratio": 0.05, "schedule": "cosine"}
+
+    return {"llm": llm_dir, "vision": vision_dir, "output_dir": folder, "workflow": {"name": name, **workflow},
+            # the tiny LLM's 512 positions: every tile's tokens, the prompt and the answer
+            "data": {"train": os.path.join(data_dir, "train_mixed.json"), "max_length": 512},
+            "stages": [stage("align", 2e-3, FULL.align_steps), stage("tune", 1e-3, FULL.tune_steps)],
+            "seed": seed, "save_every": 0, "keep_last": 1, "log_every": 1, **LOSS}
+
+
+def train_one(cfg: dict, stamp: dict) -> None:
+    """One training (a job: module level, so a spawned worker can import it); the stamp says what it
+    was trained from, so that a later call can reuse it."""
     from frozenvl.train import train
 
     with job_threads():
         train(cfg, show_progress=False)
+    _write_stamp(cfg["output_dir"], stamp)
+
+
+STAMP = "highres_params.json"
+
+
+def _stamp(folder: str) -> dict | None:
+    try:
+        with open(os.path.join(folder, STAMP)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_stamp(folder: str, stamp: dict) -> None:
+    with open(os.path.join(folder, STAMP), "w") as f:
+        json.dump(stamp, f, indent=1)
 
 
 def main() -> None:
@@ -79,14 +110,11 @@ def main() -> None:
     llm_dir, vision_dir = os.path.join(home, "llm"), os.path.join(home, "vision")
     out = args.out or os.path.join(args.demo_out, "highres")
     data_dir = os.path.join(out, f"data-{args.side}")
-    t0 = time.time()
-    if not os.path.isfile(os.path.join(data_dir, "meta.json")):
+    scenes = {"seed": args.seed, "side": args.side, "train_images": args.train_images, "eval_images": args.eval_images}
+    if _stamp(data_dir) != scenes:  # another scene set asked for: written again (runs on the old one retrain)
         generate(data_dir, seed=args.seed, n_train_images=args.train_images, n_eval_images=args.eval_images,
                  n_text_train=0, image_size=(args.side, args.side), box_format=DEMO_BOXES, overwrite=True)
-
-    def stage(name: str, lr: float, steps: int) -> dict:
-        return {"name": name, "train": ["connector"], "lr": lr, "steps": steps, "batch_size": FULL.batch_size,
-                "warmup_ratio": 0.05, "schedule": "cosine"}
+        _write_stamp(data_dir, scenes)
 
     wfs = {k: v for k, v in workflows(args.side, args.connector, args.max_tiles).items() if k in args.runs.split(",")}
     seeds = list(range(args.seed, args.seed + args.seeds))
@@ -94,17 +122,19 @@ def main() -> None:
     run_dir = {(name, sd): os.path.join(out, f"run-{tag}-{name}-seed{sd}") for name in wfs for sd in seeds}
     jobs = []
     for (name, sd), folder in run_dir.items():
-        if os.path.isfile(os.path.join(folder, "train_summary.json")):
-            continue  # trained by an earlier call
-        cfg = {"llm": llm_dir, "vision": vision_dir, "output_dir": folder, "workflow": {"name": name, **wfs[name]},
-               # 9 tiles + thumbnail at 16 tokens each, plus the prompt and the answer
-               "data": {"train": os.path.join(data_dir, "train_mixed.json"), "max_length": 512},
-               "stages": [stage("align", 2e-3, FULL.align_steps), stage("tune", 1e-3, FULL.tune_steps)],
-               "seed": sd, "save_every": 0, "keep_last": 1, "log_every": 1, **LOSS}
-        jobs.append(Job(f"{name}/seed{sd}", train_one, (cfg,)))
-    run_jobs(jobs, args.jobs)
-    t_train = time.time() - t0
+        cfg = run_config(llm_dir, vision_dir, data_dir, folder, name, wfs[name], sd)
+        stamp = {"cfg": {k: v for k, v in cfg.items() if k != "output_dir"}, "scenes": scenes}
+        if _stamp(folder) == stamp and os.path.isfile(os.path.join(folder, "train_summary.json")):
+            continue  # trained by an earlier call, with the same config and scenes
+        jobs.append(Job(f"{name}/seed{sd}", train_one, (cfg, stamp)))
+    print(f"training {len(jobs)} runs ({len(run_dir) - len(jobs)} reused), {min(args.jobs, max(1, len(jobs)))} at a time",
+          flush=True)
+    run_jobs(jobs, args.jobs, on_done=lambda job, _: print(f"   {job.name} trained", flush=True))
+    # each run's own training time (one thread), whether trained now or by an earlier call
+    seconds = {name: sum(json.load(open(os.path.join(run_dir[name, sd], "train_summary.json")))["seconds"]
+                         for sd in seeds) for name in wfs}
 
+    print(f"evaluating {len(run_dir)} runs on {args.eval_images} scenes", flush=True)
     model = frozenvl.build(llm_dir, vision_dir, workflows={})
     per_item: dict[str, dict[str, list[list[float]]]] = {name: {} for name in wfs}
     tokens = {}
@@ -133,7 +163,8 @@ def main() -> None:
         return f"{100 * e.mean:.1f}%" + (f" [{100 * e.low:.1f}, {100 * e.high:.1f}]" if e.low is not None else "")
 
     table = [f"{args.side}x{args.side} scenes, connector `{args.connector}`, {args.train_images} training / "
-             f"{args.eval_images} eval images, seeds {seeds}; training {t_train:.0f} s", "",
+             f"{args.eval_images} eval images, seeds {seeds}; training "
+             + ", ".join(f"{name} {v:.0f} s" for name, v in seconds.items()) + " (one thread, all seeds)", "",
              "| run | tokens/image | " + " | ".join(c.replace("vqa_acc/", "") for c in cols) + " |",
              "|---|---:|" + "---:|" * len(cols),
              "| majority / median box | - | " + " | ".join(cell(base[c]) for c in cols) + " |"]
@@ -145,7 +176,7 @@ def main() -> None:
     print("\n" + "\n".join(table) + "\n\n(95% intervals as in frozenvl.eval.verdicts)")
     # the demo's report.md shows every table found here (`frozenvl demo --out DEMO_OUT` again writes it)
     with open(os.path.join(out, f"results-{tag}.json"), "w") as f:
-        json.dump({"side": args.side, "seeds": seeds, "train_seconds": t_train, "tokens_per_image": tokens,
+        json.dump({"side": args.side, "seeds": seeds, "train_seconds": seconds, "tokens_per_image": tokens,
                    "estimates": {name: {k: estimate(v).to_dict() for k, v in m.items()} for name, m in scores.items()},
                    "baselines": {k: estimate(v).to_dict() for k, v in base.items()}, "table": table}, f, indent=1)
 
