@@ -10,8 +10,8 @@ seen by the demo's tiny ViT, which was pretrained on 64-px views of 64-128-px sc
   of the whole scene as the thumbnail.
 
 Both are the demo's frozen ``prefix`` recipe (align the connector, then tune it; seed, steps, batch and
-learning rates as in ``frozenvl demo``), with the same 2x2 ``pixel_shuffle`` connector (16 tokens per
-64-px view; the tiled workflow gets 16 per tile), trained on the high-resolution scenes' mixed VQA,
+learning rates as in ``frozenvl demo``), with the same connector (``--connector``; default the 2x2
+``pixel_shuffle``: 16 tokens per 64-px view, so the tiled workflow gets 16 per tile), trained on the high-resolution scenes' mixed VQA,
 caption and grounding data and scored on held-out high-resolution scenes: VQA per question type
 beside the per-type majority answer, and grounding Acc@0.5 beside the median box. Both trainings run
 at once, one CPU thread each (as the demo's jobs do).
@@ -26,6 +26,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 
 import frozenvl
 from frozenvl.eval import evaluate
@@ -116,7 +117,11 @@ def main() -> None:
                  n_text_train=0, image_size=(args.side, args.side), box_format=DEMO_BOXES, overwrite=True)
         _write_stamp(data_dir, scenes)
 
-    wfs = {k: v for k, v in workflows(args.side, args.connector, args.max_tiles).items() if k in args.runs.split(",")}
+    wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
+    known = workflows(args.side, args.connector, args.max_tiles)
+    if not wanted or set(wanted) - set(known):
+        ap.error(f"--runs must name some of {', '.join(known)}, got {args.runs!r}")
+    wfs = {k: v for k, v in known.items() if k in wanted}
     seeds = list(range(args.seed, args.seed + args.seeds))
     tag = f"{args.side}-{args.connector.split(':')[0]}" + (f"-max{args.max_tiles}" if args.max_tiles else "")
     run_dir = {(name, sd): os.path.join(out, f"run-{tag}-{name}-seed{sd}") for name in wfs for sd in seeds}
@@ -126,6 +131,7 @@ def main() -> None:
         stamp = {"cfg": {k: v for k, v in cfg.items() if k != "output_dir"}, "scenes": scenes}
         if _stamp(folder) == stamp and os.path.isfile(os.path.join(folder, "train_summary.json")):
             continue  # trained by an earlier call, with the same config and scenes
+        shutil.rmtree(folder, ignore_errors=True)  # an unfinished or other run trains again from scratch
         jobs.append(Job(f"{name}/seed{sd}", train_one, (cfg, stamp)))
     print(f"training {len(jobs)} runs ({len(run_dir) - len(jobs)} reused), {min(args.jobs, max(1, len(jobs)))} at a time",
           flush=True)
