@@ -31,7 +31,15 @@ import shutil
 import frozenvl
 from frozenvl.eval import evaluate
 from frozenvl.eval.verdicts import Scores, estimate
-from frozenvl.shapesworld.demo import DEMO_BOXES, FULL, LOSS, VISION_LAYER, constant_box_baseline, majority_baseline
+from frozenvl.shapesworld.demo import (
+    DEMO_BOXES,
+    FULL,
+    LOSS,
+    VISION_LAYER,
+    constant_box_baseline,
+    majority_baseline,
+    recipes,
+)
 from frozenvl.shapesworld.jobs import Job, job_threads, run_jobs
 from frozenvl.shapesworld.writer import generate
 
@@ -47,16 +55,12 @@ def workflows(side: int, connector: str, max_tiles: int | None = None) -> dict[s
 
 def run_config(llm_dir: str, vision_dir: str, data_dir: str, folder: str, name: str, workflow: dict,
                seed: int) -> dict:
-    """The demo's frozen-prefix training (align the connector, then tune it) for one run."""
-    def stage(stage_name: str, lr: float, steps: int) -> dict:
-        return {"name": stage_name, "train": ["connector"], "lr": lr, "steps": steps, "batch_size": FULL.batch_size,
-                "warmup_ratio": 0.05, "schedule": "cosine"}
-
+    """The demo's frozen-prefix training (its `prefix` run's stages: align the connector, then tune it)."""
+    stages = next(r for r in recipes(FULL) if r.name == "prefix").stages
     return {"llm": llm_dir, "vision": vision_dir, "output_dir": folder, "workflow": {"name": name, **workflow},
             # the tiny LLM's 512 positions: every tile's tokens, the prompt and the answer
             "data": {"train": os.path.join(data_dir, "train_mixed.json"), "max_length": 512},
-            "stages": [stage("align", 2e-3, FULL.align_steps), stage("tune", 1e-3, FULL.tune_steps)],
-            "seed": seed, "save_every": 0, "keep_last": 1, "log_every": 1, **LOSS}
+            "stages": stages, "seed": seed, "save_every": 0, "keep_last": 1, "log_every": 1, **LOSS}
 
 
 def train_one(cfg: dict, stamp: dict) -> None:
@@ -137,8 +141,7 @@ def main() -> None:
           flush=True)
     run_jobs(jobs, args.jobs, on_done=lambda job, _: print(f"   {job.name} trained", flush=True))
     # each run's own training time (one thread), whether trained now or by an earlier call
-    seconds = {name: sum(json.load(open(os.path.join(run_dir[name, sd], "train_summary.json")))["seconds"]
-                         for sd in seeds) for name in wfs}
+    seconds = {name: sum(_train_seconds(run_dir[name, sd]) for sd in seeds) for name in wfs}
 
     print(f"evaluating {len(run_dir)} runs on {args.eval_images} scenes", flush=True)
     model = frozenvl.build(llm_dir, vision_dir, workflows={})
@@ -185,6 +188,11 @@ def main() -> None:
         json.dump({"side": args.side, "seeds": seeds, "train_seconds": seconds, "tokens_per_image": tokens,
                    "estimates": {name: {k: estimate(v).to_dict() for k, v in m.items()} for name, m in scores.items()},
                    "baselines": {k: estimate(v).to_dict() for k, v in base.items()}, "table": table}, f, indent=1)
+
+
+def _train_seconds(folder: str) -> float:
+    with open(os.path.join(folder, "train_summary.json")) as f:
+        return json.load(f)["seconds"]
 
 
 def _layout(wf: dict) -> str:

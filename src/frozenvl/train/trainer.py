@@ -547,9 +547,6 @@ def train(config: TrainConfig | dict | str, resume: bool = False, model: FrozenV
     return Trainer(config, model=model, show_progress=show_progress, callbacks=callbacks).train(resume=resume)
 
 
-_exit_hook_registered = False
-
-
 def _destroy_process_group_at_exit() -> None:
     """Tear the process group down before the interpreter does.
 
@@ -557,12 +554,15 @@ def _destroy_process_group_at_exit() -> None:
     tensors; freeing them then aborts the process ("terminate called without an active exception",
     SIGABRT) after a successful run. Called only once every process reached the end of training,
     so no peer is left waiting in a collective; the group stays usable until exit (a second
-    ``train`` call in the same process reuses it).
+    ``train`` call in the same process reuses it, and registers the hook only once).
     """
-    global _exit_hook_registered
-    if not _exit_hook_registered:
-        _exit_hook_registered = True
-        atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
+    atexit.unregister(_destroy_process_group)
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
