@@ -14,7 +14,8 @@ has bf16 matmuls).
 
 Each call trains one run with ``--threads`` CPU threads (default 1, so two calls can share a 2-core
 machine) and writes ``<out>/run-<tag>/curve.json``: one row per evaluation (step, samples seen,
-training seconds so far, accuracy per question type with its 95% interval) and the majority row.
+training seconds so far, accuracy per question type with its 95% interval) and the majority row,
+and each evaluation's answers (``predictions-<step>.jsonl``).
 The scenes (``<out>/data``) are written by the first call and reused by later ones.
 """
 
@@ -151,6 +152,8 @@ def main() -> None:
         t0 = time.time()
         rep = evaluate(trainer.model, items, task="prefix", max_new_tokens=8, batch_size=24, progress=False)
         clock["eval"] += time.time() - t0
+        with open(os.path.join(run_dir, f"predictions-{position.global_step}.jsonl"), "w") as f:
+            f.writelines(json.dumps(p) + "\n" for p in sorted(rep.predictions, key=lambda p: p["id"]))
         per = {"vqa_acc": [p["score"] for p in rep.predictions]}
         for q in qtypes:
             per[f"vqa_acc/{q}"] = [p["score"] for p in rep.predictions if p["qtype"] == q]
