@@ -106,6 +106,10 @@ def main() -> None:
     ap.add_argument("out", help="folder for the scenes and the runs")
     ap.add_argument("--connector", default="pixel_shuffle:factor=2",
                     help="the prefix's connector (default pixel_shuffle:factor=2: the real track's 64 tokens)")
+    ap.add_argument("--layers", default="",
+                    help="DINOv2 hidden layers the connector reads, e.g. 4 or -2,4 (two layers: one encoder, "
+                         "their features side by side per patch; docs/vision.md, \"Mixed encoders\"); "
+                         "default: the workflow's select_layer (-2)")
     ap.add_argument("--qtypes", default="colour,shape", help="VQA question types to train and score")
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--eval-every", type=int, default=200)
@@ -121,6 +125,10 @@ def main() -> None:
                          "library option: see standardize_features)")
     args = ap.parse_args()
     qtypes = [q.strip() for q in args.qtypes.split(",") if q.strip()]
+    try:
+        layers = [int(x) for x in args.layers.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--layers {args.layers!r}: expected integers separated by commas, e.g. -2,4")
     for name in ("steps", "eval_every", "batch", "train_scenes", "eval_scenes", "threads"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -133,10 +141,11 @@ def main() -> None:
     items = read_eval_file(eval_path)
     majority = majority_baseline(train_path, eval_path)["scores"]
     tag = f"{args.connector.replace(':', '-').replace('=', '')}-lr{args.lr:g}-b{args.batch}-s{args.steps}-seed{args.seed}" \
-        + (f"-std{args.standardize}" if args.standardize else "")
+        + (f"-std{args.standardize}" if args.standardize else "") + (f"-layers{'_'.join(map(str, layers))}" if layers else "")
     run_dir = os.path.join(args.out, f"run-{'-'.join(qtypes)}-{tag}")
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = {"llm": llm_dir, "vision": vision_dir, "output_dir": run_dir,
+    vision: str | list[dict] = [{"path": vision_dir, "select_layer": k} for k in layers] or vision_dir
+    cfg = {"llm": llm_dir, "vision": vision, "output_dir": run_dir,
            "workflow": {"name": "prefix", "family": "prefix", "connector": args.connector},
            "data": {"train": train_path},
            "stages": [{"name": "tune", "train": ["connector"], "lr": args.lr, "steps": args.steps,
@@ -174,7 +183,7 @@ def main() -> None:
         from accelerate.utils import set_seed
 
         set_seed(args.seed)  # the connector's initial weights as the trainer would draw them
-        model = frozenvl.build(llm_dir, vision_dir, workflows={"prefix": {"family": "prefix", "connector": args.connector}})
+        model = frozenvl.build(llm_dir, vision, workflows={"prefix": {"family": "prefix", "connector": args.connector}})
         with open(train_path) as f:
             images = sorted({r["image"] for r in json.load(f)})[: args.standardize]
         stats = standardize_features(model, "prefix", [os.path.join(os.path.dirname(train_path), i) for i in images])
