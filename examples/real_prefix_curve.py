@@ -32,7 +32,7 @@ import torch
 
 import frozenvl
 from frozenvl.eval import evaluate, read_eval_file
-from frozenvl.eval.verdicts import Scores, estimate
+from frozenvl.eval.verdicts import Scores, estimate, percent
 from frozenvl.shapesworld.demo import LOSS, majority_baseline
 from frozenvl.shapesworld.real import real_bases, train_precision
 from frozenvl.shapesworld.writer import generate
@@ -96,11 +96,6 @@ def standardize_features(model, task: str, image_paths: list[str]) -> dict[str, 
     return {"mean": mean, "std": std}
 
 
-def cell(sc: Scores) -> str:
-    e = estimate(sc)
-    return f"{100 * e.mean:.1f}%" + (f" [{100 * e.low:.1f}, {100 * e.high:.1f}]" if e.low is not None else "")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", help="folder for the scenes and the runs")
@@ -153,6 +148,7 @@ def main() -> None:
            "seed": args.seed, "precision": train_precision(), "save_every": 0, "keep_last": 1, "log_every": 10,
            **LOSS}
     rows: list[dict] = []
+    table: list[tuple[dict, dict]] = []  # (row, its Estimates) for the closing table
     clock = {"start": time.time(), "eval": 0.0}
 
     def score(trainer, position) -> None:
@@ -166,11 +162,13 @@ def main() -> None:
         per = {"vqa_acc": [p["score"] for p in rep.predictions]}
         for q in qtypes:
             per[f"vqa_acc/{q}"] = [p["score"] for p in rep.predictions if p["qtype"] == q]
-        est = {k: estimate(Scores.of([v], seed_free=True, bounds=(0, 1))).to_dict() for k, v in per.items() if v}
+        ests = {k: estimate(Scores.of([v], seed_free=True, bounds=(0, 1))) for k, v in per.items() if v}
+        est = {k: e.to_dict() for k, e in ests.items()}
         row = {"step": position.global_step, "samples": position.global_step * args.batch,
                "train_seconds": round(time.time() - clock["start"] - clock["eval"], 1),
                "eval_seconds": round(time.time() - t0, 1), "estimates": est}
         rows.append(row)
+        table.append((row, ests))
         print(f"step {row['step']:5d} ({row['samples']} samples, {row['train_seconds']:.0f} s): "
               + ", ".join(f"{k.replace('vqa_acc/', '')} {100 * v['mean']:.1f}%" for k, v in est.items()), flush=True)
         _write(os.path.join(run_dir, "curve.json"), {"args": vars(args), "config": cfg, "rows": rows,
@@ -196,11 +194,9 @@ def main() -> None:
     cols = [f"vqa_acc/{q}" for q in qtypes] + ["vqa_acc"]
     print("\n| step | samples | " + " | ".join(c.replace("vqa_acc/", "").replace("vqa_acc", "all") for c in cols) + " |")
     print("|---:|---:|" + "---:|" * len(cols))
-    print("| majority | - | " + " | ".join(cell(majority[c]) for c in cols) + " |")
-    for r in rows:
-        e = r["estimates"]
-        print(f"| {r['step']} | {r['samples']} | " + " | ".join(
-            f"{100 * e[c]['mean']:.1f}% [{100 * e[c]['low']:.1f}, {100 * e[c]['high']:.1f}]" for c in cols) + " |")
+    print("| majority | - | " + " | ".join(percent(estimate(majority[c])) for c in cols) + " |")
+    for r, ests in table:
+        print(f"| {r['step']} | {r['samples']} | " + " | ".join(percent(ests[c]) for c in cols) + " |")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import shutil
 
 import frozenvl
 from frozenvl.eval import evaluate
-from frozenvl.eval.verdicts import Scores, estimate
+from frozenvl.eval.verdicts import Scores, estimate, percent
 from frozenvl.shapesworld.demo import (
     DEMO_BOXES,
     FULL,
@@ -168,8 +168,7 @@ def main() -> None:
     cols = [f"vqa_acc/{q}" for q in qtypes] + ["vqa_acc", "grounding_acc50"]
 
     def cell(sc: Scores) -> str:
-        e = estimate(sc)
-        return f"{100 * e.mean:.1f}%" + (f" [{100 * e.low:.1f}, {100 * e.high:.1f}]" if e.low is not None else "")
+        return percent(estimate(sc))
 
     table = [f"{args.side}x{args.side} scenes, connector `{args.connector}`, {args.train_images} training / "
              f"{args.eval_images} eval images, seeds {seeds}; training "

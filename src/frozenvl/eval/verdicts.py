@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "NOT_DECIDED", "PRESERVED", "REFUTED", "REPRODUCED", "Estimate", "Finding", "Scores", "Verdict",
-    "at_least", "beats", "better", "beyond", "estimate", "learns_to_see", "t_quantile", "text_kept",
+    "at_least", "beats", "better", "beyond", "estimate", "learns_to_see", "percent", "t_quantile", "text_kept",
 ]
 
 REPRODUCED, REFUTED, NOT_DECIDED = "reproduced", "refuted", "not decided"
@@ -242,7 +242,8 @@ def at_least(a: Estimate, threshold: float) -> Verdict:
 PRESERVED = 0.95  # "keeps the text answers": at least this share of the base's answers, unchanged
 
 
-def _pct(e: Estimate | None) -> str:
+def percent(e: Estimate | None) -> str:
+    """An estimate as a percentage with its 95% interval, e.g. "55.1% [46.3, 63.9]" ("n/a" for None)."""
     if e is None:
         return "n/a"
     if e.low is None:
@@ -285,7 +286,7 @@ def text_kept(name: str, deployed: Scores, own: Scores | None, threshold: float 
         v = at_least(own_e, threshold)
     return Finding(f"{name} keeps the base's text answers (>= {100 * threshold:.0f}% identical)", v.verdict,
                    f"own path: {v.reason}; as deployed: {dep_v.verdict}",
-                   _figs(deployed=dep, own_path=own_e), f"own path {_pct(own_e)}, as deployed {_pct(dep)}")
+                   _figs(deployed=dep, own_path=own_e), f"own path {percent(own_e)}, as deployed {percent(dep)}")
 
 
 def beats(a_name: str, b_name: str, what: str, a: Scores, b: Scores, chance: Scores | None = None,
@@ -295,9 +296,9 @@ def beats(a_name: str, b_name: str, what: str, a: Scores, b: Scores, chance: Sco
     ea, eb, diff = estimate(a), estimate(b), estimate(a.minus(b))
     ec = estimate(chance) if chance is not None else None
     v = better(ea, eb, diff, ec)
-    text = f"{_pct(ea)} vs {_pct(eb)}, difference {_pct(diff)}"
+    text = f"{percent(ea)} vs {percent(eb)}, difference {percent(diff)}"
     if ec is not None:
-        text += f", chance {_pct(ec)}"
+        text += f", chance {percent(ec)}"
     return Finding(claim or f"{a_name} beats {b_name} on {what}", v.verdict, v.reason,
                    _figs(a=ea, b=eb, difference=diff, chance=ec), text)
 
@@ -307,4 +308,4 @@ def learns_to_see(name: str, vqa: Scores, majority: Scores) -> Finding:
     e, m = estimate(vqa), estimate(majority)
     v = beyond(e, m)
     return Finding(f"{name} learns to see (VQA beyond the majority baseline)", v.verdict, v.reason,
-                   _figs(vqa=e, majority=m), f"VQA {_pct(e)} vs majority {_pct(m)}")
+                   _figs(vqa=e, majority=m), f"VQA {percent(e)} vs majority {percent(m)}")
